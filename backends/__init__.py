@@ -1,0 +1,1 @@
+"""Backend adapters: the contract (base), the registry, and the built-in implementations."""

@@ -1,0 +1,123 @@
+"""The adapter contract every backend implements.
+
+A backend loads a checkpoint under a named strategy and returns a `ModelRunner`. The runner makes
+KV caches and runs tokens through the model. Batches are ragged from the start: each row has its
+own positions, its own cache length and its own padding, so left padding, continuous batching and
+speculative verification need no new primitive.
+
+Cache semantics (every backend): a cache holds `capacity` slots per row. `forward` appends the T
+new tokens of row b at slots `lengths[b] .. lengths[b] + T - 1`, applies the positions given
+(not the slot numbers), and a query at slot s attends to the valid slots <= s of its own row.
+`truncate` rolls rows back (speculative rejection). Writing past `capacity` raises CacheFullError.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from .checkpoint import Checkpoint, ModelConfig
+from .strategies import Strategy
+
+
+class CacheFullError(RuntimeError):
+    """More tokens were given than the cache has slots for."""
+
+
+class UnsupportedModel(ValueError):
+    """The backend cannot express this model configuration or strategy; the message says what."""
+
+
+class KVCache(ABC):
+    """Per-row key/value storage owned by one runner."""
+
+    @property
+    @abstractmethod
+    def capacity(self) -> int:
+        """Slots per row."""
+
+    @property
+    @abstractmethod
+    def lengths(self) -> torch.Tensor:
+        """(B,) int64: slots filled in each row (padding included)."""
+
+    @abstractmethod
+    def truncate(self, lengths: torch.Tensor) -> None:
+        """Roll each row back to `lengths[b]` slots (never forward)."""
+
+    @property
+    @abstractmethod
+    def allocated_bytes(self) -> int:
+        """Bytes of the key/value tensors actually allocated."""
+
+    def check_room(self, n_new: int) -> None:
+        longest = int(self.lengths.max()) if self.lengths.numel() else 0
+        if longest + n_new > self.capacity:
+            raise CacheFullError(
+                f"KV cache full: a row holds {longest} of {self.capacity} slots and {n_new} more tokens were given"
+            )
+
+
+class ModelRunner(ABC):
+    """A model loaded by a backend under one strategy."""
+
+    def __init__(self, checkpoint: Checkpoint, strategy: Strategy):
+        self.checkpoint = checkpoint
+        self.strategy = strategy
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.checkpoint.config
+
+    @abstractmethod
+    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        """An empty cache for `batch_size` rows of `capacity` slots each."""
+
+    @abstractmethod
+    def forward(
+        self,
+        cache: KVCache,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run (B, T) new tokens at (B, T) positions, write their K/V into `cache`, return (B, T, V) fp32 logits.
+
+        `token_mask` (B, T) bool marks real tokens; False slots (padding) are written but never attended to.
+        """
+
+    @abstractmethod
+    def forward_full(
+        self, tokens: torch.Tensor, positions: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The oracle path: the whole (B, T) sequence with no cache, returning (B, T, V) fp32 logits."""
+
+
+class Backend(ABC):
+    """A named inference engine. Subclasses are registered with `backends.registry.register`."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def capabilities(cls) -> frozenset[str]:
+        """Names of optional abilities: 'quant:<name>', 'attention:<name>', 'position:<name>', features."""
+
+    @abstractmethod
+    def load(self, checkpoint: Checkpoint, strategy: Strategy) -> ModelRunner:
+        """Load `checkpoint` under `strategy`; raise UnsupportedModel naming what cannot be expressed."""
+
+    @classmethod
+    def missing(cls, *needed: str) -> list[str]:
+        """The capabilities among `needed` that this backend lacks."""
+        have = cls.capabilities()
+        return [name for name in needed if name not in have]
+
+
+def strategy_capabilities(strategy: Strategy) -> list[str]:
+    """The capability names a strategy needs."""
+    needed = [f"quant:{strategy.quant.value}"]
+    if strategy.attention is not None:
+        needed.append(f"attention:{strategy.attention.value}")
+    return needed

@@ -1,0 +1,59 @@
+"""Named strategies: the same names appear in option values, test ids, records and table rows."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Quant(StrEnum):
+    """How weights (and activations) are stored and computed."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    INT8_DYNAMIC = "int8-dynamic"
+    INT4_BLOCK32 = "int4-block32"
+    INT4_BLOCK128 = "int4-block128"
+    FP8 = "fp8"
+
+
+class Attention(StrEnum):
+    """Which attention implementation runs prefill and cached decode."""
+
+    NAIVE = "naive"  # scores materialized
+    SDPA = "sdpa"  # torch.nn.functional.scaled_dot_product_attention
+    FLASH = "flash"  # tiled online softmax
+    NATIVE = "native"  # whatever a non-torch backend fuses itself
+
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """The strategy a model is loaded under."""
+
+    quant: Quant = Quant.FP32
+    attention: Attention | None = None  # None: the backend's default
+
+    @property
+    def id(self) -> str:
+        return self.quant.value if self.attention is None else f"{self.quant.value}-{self.attention.value}"
+
+    def as_record(self) -> dict[str, str]:
+        record = {"quant": self.quant.value}
+        if self.attention is not None:
+            record["attention"] = self.attention.value
+        return record
+
+
+def parse_quant(name: str) -> Quant:
+    try:
+        return Quant(name)
+    except ValueError:
+        raise ValueError(f"unknown quantization strategy {name!r}; accepted: {', '.join(q.value for q in Quant)}") from None
+
+
+def parse_attention(name: str) -> Attention:
+    try:
+        return Attention(name)
+    except ValueError:
+        raise ValueError(f"unknown attention strategy {name!r}; accepted: {', '.join(a.value for a in Attention)}") from None

@@ -1,0 +1,4 @@
+"""The reference PyTorch backend."""
+from .backend import TorchBackend
+
+__all__ = ["TorchBackend"]

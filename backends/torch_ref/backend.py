@@ -1,0 +1,85 @@
+"""The reference backend: the PyTorch model of model.py, in fp32, bf16 or fp16, on CUDA where present."""
+from __future__ import annotations
+
+import torch
+
+from backends.base import Backend, KVCache, ModelRunner, UnsupportedModel, strategy_capabilities
+from backends.checkpoint import Checkpoint, CheckpointError
+from backends.registry import register
+from backends.strategies import Attention, Quant, Strategy
+
+from .attention import IMPLEMENTATIONS
+from .model import Transformer, TorchKVCache, full_sequence_context
+
+DTYPES = {Quant.FP32: torch.float32, Quant.BF16: torch.bfloat16, Quant.FP16: torch.float16}
+DEFAULT_ATTENTION = Attention.SDPA
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_model(checkpoint: Checkpoint, attention: Attention = DEFAULT_ATTENTION) -> Transformer:
+    """An fp32 Transformer holding the checkpoint's weights; a shape or name mismatch names the tensor."""
+    model = Transformer(checkpoint.config, attention)
+    expected = model.state_dict()
+    if checkpoint.config.tie_embeddings:
+        expected.pop("lm_head.weight")
+    source = checkpoint.directory or checkpoint.name
+    missing = sorted(set(expected) - set(checkpoint.weights))
+    unexpected = sorted(set(checkpoint.weights) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for name, tensor in checkpoint.weights.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, config needs {tuple(expected[name].shape)}")
+    model.load_state_dict({k: v.float() for k, v in checkpoint.weights.items()}, strict=False)
+    return model.eval()
+
+
+class TorchRunner(ModelRunner):
+    def __init__(self, checkpoint: Checkpoint, strategy: Strategy, device: torch.device):
+        super().__init__(checkpoint, strategy)
+        self.device = device
+        self.dtype = DTYPES[strategy.quant]
+        self.model = build_model(checkpoint, strategy.attention or DEFAULT_ATTENTION).to(device, self.dtype)
+
+    def new_cache(self, batch_size: int, capacity: int) -> TorchKVCache:
+        return TorchKVCache(self.config, batch_size, capacity, self.dtype, self.device)
+
+    def _inputs(self, tokens, positions, token_mask):
+        tokens, positions = tokens.to(self.device), positions.to(self.device)
+        mask = torch.ones_like(tokens, dtype=torch.bool) if token_mask is None else token_mask.to(self.device)
+        return tokens, positions, mask
+
+    @torch.inference_mode()
+    def forward(self, cache: KVCache, tokens, positions, token_mask=None):
+        if not isinstance(cache, TorchKVCache):
+            raise TypeError(f"cache of type {type(cache).__name__} was not made by this runner")
+        tokens, positions, mask = self._inputs(tokens, positions, token_mask)
+        return self.model(tokens, cache.begin(positions, mask)).float()
+
+    @torch.inference_mode()
+    def forward_full(self, tokens, positions, token_mask=None):
+        tokens, positions, mask = self._inputs(tokens, positions, token_mask)
+        return self.model(tokens, full_sequence_context(positions, mask)).float()
+
+
+@register
+class TorchBackend(Backend):
+    name = "torch"
+
+    @classmethod
+    def capabilities(cls) -> frozenset[str]:
+        return frozenset(
+            [f"quant:{q.value}" for q in DTYPES]
+            + [f"attention:{a.value}" for a in IMPLEMENTATIONS]
+            + [f"position:{p}" for p in ("rope", "alibi", "learned", "sinusoidal")]
+            + ["kv-cache", "ragged-batch", "cache-rollback"]
+        )
+
+    def load(self, checkpoint: Checkpoint, strategy: Strategy) -> TorchRunner:
+        missing = self.missing(*strategy_capabilities(strategy))
+        if missing:
+            raise UnsupportedModel(f"backend {self.name!r} lacks {', '.join(missing)}")
+        return TorchRunner(checkpoint, strategy, default_device())
