@@ -1,0 +1,79 @@
+"""How each property is judged. Every suite uses these; no suite keeps its own copy.
+
+- Numerical rule (after flash-attention's tests): run the reference in fp32/fp64, the optimized path and a
+  plain path in the same low precision; the optimized error must be at most k times the plain error.
+- Greedy tokens: equal wherever the maths makes them equal; where logits differ by rounding, the first
+  mismatch is allowed only if each side's token is in the other's top-k there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.double() - expected.double()).abs().max().item()
+
+
+@dataclass(frozen=True)
+class OracleResult:
+    optimized_error: float  # max |optimized - reference|
+    plain_error: float  # max |plain low-precision - reference|
+    bound: float  # k * plain_error + atol
+
+    @property
+    def ratio(self) -> float:
+        """optimized error / plain error (the figure the rule limits to k)."""
+        if self.plain_error:
+            return self.optimized_error / self.plain_error
+        return 0.0 if self.optimized_error == 0 else float("inf")
+
+
+def assert_by_oracle(optimized: torch.Tensor, plain: torch.Tensor, reference: torch.Tensor,
+                     k: float = 2.0, atol: float = 0.0) -> OracleResult:
+    """Assert max|optimized - reference| <= k * max|plain - reference| + atol; return the figures.
+
+    `atol` is for a plain path that is itself exact to the reference (fp32 vs fp32): the caller states
+    the rounding it allows, in the units of the output.
+    """
+    if optimized.shape != reference.shape or plain.shape != reference.shape:
+        raise AssertionError(f"shapes differ: optimized {tuple(optimized.shape)}, plain {tuple(plain.shape)}, "
+                             f"reference {tuple(reference.shape)}")
+    if not torch.isfinite(optimized).all():
+        raise AssertionError("optimized output has NaN or inf")
+    plain_error = max_abs_error(plain, reference)
+    result = OracleResult(max_abs_error(optimized, reference), plain_error, k * plain_error + atol)
+    assert result.optimized_error <= result.bound, (
+        f"optimized error {result.optimized_error:.3g} exceeds {k} x plain error {result.plain_error:.3g}"
+        + (f" + {atol:.3g}" if atol else "")
+    )
+    return result
+
+
+def first_mismatch(tokens_a: list[int], tokens_b: list[int]) -> int | None:
+    for index, (a, b) in enumerate(zip(tokens_a, tokens_b)):
+        if a != b:
+            return index
+    if len(tokens_a) != len(tokens_b):
+        return min(len(tokens_a), len(tokens_b))
+    return None
+
+
+def assert_greedy_agrees(tokens_a: list[int], logits_a: torch.Tensor, tokens_b: list[int], logits_b: torch.Tensor,
+                         top_k: int = 0) -> int | None:
+    """Greedy continuations agree; with top_k > 0 a first mismatch is allowed where each side's token is in the
+    other's top-k (rounding, not a bug). logits_* are (n, V), the logits each token was chosen from.
+    Returns the index of the first mismatch (None if identical)."""
+    index = first_mismatch(tokens_a, tokens_b)
+    if index is None:
+        return None
+    assert index < min(len(tokens_a), len(tokens_b)), f"lengths differ: {len(tokens_a)} vs {len(tokens_b)}"
+    assert top_k > 0, f"greedy tokens differ at step {index}: {tokens_a[index]} vs {tokens_b[index]}"
+    top_a = logits_a[index].topk(top_k).indices.tolist()
+    top_b = logits_b[index].topk(top_k).indices.tolist()
+    assert tokens_a[index] in top_b and tokens_b[index] in top_a, (
+        f"greedy tokens differ at step {index}: {tokens_a[index]} vs {tokens_b[index]}, "
+        f"and one is outside the other's top-{top_k}"
+    )
+    return index
