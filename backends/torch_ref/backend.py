@@ -8,7 +8,7 @@ from backends.checkpoint import Checkpoint, CheckpointError
 from backends.registry import register
 from backends.strategies import Attention, Quant, Strategy
 
-from .attention import IMPLEMENTATIONS
+from .attention import IMPLEMENTATIONS, AttentionFn
 from .model import Transformer, TorchKVCache, full_sequence_context
 
 DTYPES = {Quant.FP32: torch.float32, Quant.BF16: torch.bfloat16, Quant.FP16: torch.float16}
@@ -75,8 +75,13 @@ class TorchBackend(Backend):
             [f"quant:{q.value}" for q in DTYPES]
             + [f"attention:{a.value}" for a in IMPLEMENTATIONS]
             + [f"position:{p}" for p in ("rope", "alibi", "learned", "sinusoidal")]
-            + ["kv-cache", "ragged-batch", "cache-rollback"]
+            + ["kv-cache", "ragged-batch", "cache-rollback", "attention-kernels"]
         )
+
+    def attention_kernels(self) -> dict[Attention, AttentionFn]:
+        """Capability 'attention-kernels': each declared attention implementation, callable at the kernel level
+        with the signature documented in backends/torch_ref/attention.py (the flash attention suite uses it)."""
+        return dict(IMPLEMENTATIONS)
 
     def load(self, checkpoint: Checkpoint, strategy: Strategy) -> TorchRunner:
         missing = self.missing(*strategy_capabilities(strategy))
