@@ -77,3 +77,40 @@ def assert_greedy_agrees(tokens_a: list[int], logits_a: torch.Tensor, tokens_b: 
         f"and one is outside the other's top-{top_k}"
     )
     return index
+
+
+def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> tuple[float, float, int]:
+    """Pearson's chi-square goodness of fit of category counts to probabilities: (statistic, p-value, dof).
+
+    Categories expected fewer than `min_expected` times are pooled into one (Cochran's rule), so the chi-square
+    approximation holds. The chi-square tail is the regularized upper incomplete gamma function Q(dof/2, x/2)
+    (Abramowitz & Stegun, section 26.4), computed by torch.special.gammaincc.
+    """
+    counts, probs = counts.double().flatten(), probs.double().flatten()
+    if counts.shape != probs.shape:
+        raise ValueError(f"counts has {counts.numel()} categories, probs has {probs.numel()}")
+    expected = probs / probs.sum() * counts.sum()
+    small = expected < min_expected
+    observed = torch.cat([counts[~small], counts[small].sum()[None]])
+    expected = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = expected > 0
+    observed, expected = observed[keep], expected[keep]
+    statistic = float(((observed - expected) ** 2 / expected).sum())
+    dof = int(keep.sum()) - 1
+    if dof < 1:
+        return statistic, 1.0, 0
+    pvalue = float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                           torch.tensor(statistic / 2, dtype=torch.float64)))
+    return statistic, pvalue, dof
+
+
+def assert_distribution(counts: torch.Tensor, probs: torch.Tensor, alpha: float = 1e-4, what: str = "draws") -> float:
+    """Counts drawn from `probs`: no draw of a category of probability 0, and the chi-square test not rejected at
+    significance `alpha`. Returns the p-value."""
+    impossible = (probs.flatten() == 0) & (counts.flatten() > 0)
+    assert not impossible.any(), (f"{what}: categories of probability 0 were drawn: "
+                                  f"{torch.nonzero(impossible).flatten().tolist()[:10]}")
+    statistic, pvalue, dof = chi_square_pvalue(counts, probs)
+    assert pvalue >= alpha, (f"{what}: chi-square {statistic:.1f} on {dof} dof over {int(counts.sum())} draws, "
+                             f"p = {pvalue:.3g} < {alpha:g}")
+    return pvalue
