@@ -1,0 +1,206 @@
+"""The KV-cache and weights calculator: formulas, named configurations, config.json reading, claims, CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from harness.kv_calc import (
+    CLAIMS,
+    NAMED,
+    SEED,
+    Arch,
+    claims_table,
+    kv_bytes,
+    kv_bytes_per_token,
+    main_kv_calc,
+    param_count,
+    publish,
+    read_hf_config,
+    weight_bytes,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small enough to count by hand (see the sums in each test).
+TINY_GQA = Arch("tiny-gqa", n_layers=2, d_model=8, n_heads=4, n_kv_heads=2, head_dim=2, d_ff=16, vocab_size=10,
+                tie_embeddings=False, mlp="swiglu", position="rope", max_positions=16, norm="rmsnorm")
+TINY_GPT = Arch("tiny-gpt", n_layers=1, d_model=4, n_heads=2, n_kv_heads=2, head_dim=2, d_ff=8, vocab_size=5,
+                tie_embeddings=True, mlp="gelu", position="learned", max_positions=3, norm="layernorm",
+                qkv_bias=True, o_bias=True, mlp_bias=True)
+
+
+def test_kv_bytes_per_token_on_a_tiny_config():
+    # 2 (K, V) x 2 layers x 2 KV heads x head dim 2 = 16 elements per token
+    assert [kv_bytes_per_token(TINY_GQA, bits) for bits in (32, 16, 8, 4)] == [64, 32, 16, 8]
+    assert kv_bytes(TINY_GQA, 10, 16) == 320
+    # a rolling-buffer cache keeps only the window
+    assert kv_bytes(replace(TINY_GQA, sliding_window=4), 10, 16) == 4 * 32
+    assert kv_bytes(replace(TINY_GQA, sliding_window=4), 3, 16) == 3 * 32
+
+
+def test_param_count_on_tiny_configs():
+    # embeddings 10x8 and an untied head 10x8 = 160; per layer: q 8x8 + k, v 8x4 each + o 8x8 = 192,
+    # SwiGLU 3 x 8x16 = 384, two RMSNorms 2x8 = 16 -> 592, twice = 1184; final RMSNorm 8: 1352
+    assert param_count(TINY_GQA) == 1352
+    # tied embeddings 5x4 = 20, learned positions 3x4 = 12; layer: qkv 3 x 4x4 + 12 biases = 60, o 16 + 4 = 20,
+    # GELU MLP 2 x 4x8 + 8 + 4 = 76, two LayerNorms 2 x 8 = 16 -> 172; final LayerNorm 8: 212
+    assert param_count(TINY_GPT) == 212
+    assert weight_bytes(TINY_GPT, 4) == 106  # half a byte per parameter
+
+
+def test_known_kv_figures():
+    assert kv_bytes_per_token(NAMED["llama-2-7b"], 16) == 524_288  # 0.5 MiB
+    assert kv_bytes_per_token(NAMED["llama-3-8b"], 16) == 131_072
+    assert kv_bytes_per_token(NAMED["llama-2-70b"], 16) == 327_680  # 8 KV heads, not the seed's 64
+
+
+# The model cards give falcon-7b only as a nominal "7B"; its exact count is checked against transformers below.
+@pytest.mark.parametrize("name", [n for n in NAMED if n != "falcon-7b"])
+def test_param_counts_match_published_sizes(name):
+    arch = NAMED[name]
+    assert param_count(arch) == pytest.approx(arch.published_params, rel=0.01)
+
+
+def _hf_config(arch: Arch):
+    """The named architecture as a transformers config object, from its config.json keys."""
+    transformers = pytest.importorskip("transformers")
+    if arch.name.startswith("llama"):
+        return transformers.LlamaConfig(
+            vocab_size=arch.vocab_size, hidden_size=arch.d_model, intermediate_size=arch.d_ff,
+            num_hidden_layers=arch.n_layers, num_attention_heads=arch.n_heads, num_key_value_heads=arch.n_kv_heads,
+            max_position_embeddings=arch.max_positions)
+    if arch.name.startswith("mistral"):
+        return transformers.MistralConfig(
+            vocab_size=arch.vocab_size, hidden_size=arch.d_model, intermediate_size=arch.d_ff,
+            num_hidden_layers=arch.n_layers, num_attention_heads=arch.n_heads, num_key_value_heads=arch.n_kv_heads,
+            max_position_embeddings=arch.max_positions, sliding_window=arch.sliding_window)
+    if arch.name.startswith("falcon"):  # the keys of tiiuae/falcon-7b's config.json
+        return transformers.FalconConfig(
+            vocab_size=arch.vocab_size, hidden_size=arch.d_model, num_hidden_layers=arch.n_layers,
+            num_attention_heads=arch.n_heads, multi_query=True, parallel_attn=True, bias=False,
+            new_decoder_architecture=False)
+    # GPT-3 is GPT-2's architecture at a larger size (Brown et al. 2020, section 2.1)
+    return transformers.GPT2Config(vocab_size=arch.vocab_size, n_positions=arch.max_positions, n_embd=arch.d_model,
+                                   n_layer=arch.n_layers, n_head=arch.n_heads)
+
+
+@pytest.mark.parametrize("name", list(NAMED))
+def test_named_configs_match_transformers(name, tmp_path):
+    """Hugging Face's own model classes, built on the meta device (no memory), count the same parameters,
+    and the config.json they write reads back as the same architecture."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    arch = NAMED[name]
+    config = _hf_config(arch)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert param_count(arch) == sum(p.numel() for p in model.parameters())  # tied weights counted once
+
+    config.save_pretrained(tmp_path)
+    read = read_hf_config(tmp_path / "config.json")
+    assert replace(read, name=name, published_params=arch.published_params,
+                   published_source=arch.published_source) == arch
+
+
+# Families read from config.json beyond the named models: Qwen2-0.5B's shape (tied, q/k/v biases), Falcon-40B's
+# (new decoder architecture, 8 KV groups, two LayerNorms) and GPT-2 124M.
+OTHER_CONFIGS = {
+    "qwen2": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+    "falcon": dict(vocab_size=65024, hidden_size=8192, num_hidden_layers=60, num_attention_heads=128,
+                   num_kv_heads=8, new_decoder_architecture=True, parallel_attn=True, bias=False),
+    "gpt2": dict(),
+}
+
+
+@pytest.mark.parametrize("family", list(OTHER_CONFIGS))
+def test_config_json_families_match_transformers(family, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    config = transformers.AutoConfig.for_model(family, **OTHER_CONFIGS[family])
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    config.save_pretrained(tmp_path)
+    assert param_count(read_hf_config(tmp_path)) == sum(p.numel() for p in model.parameters())
+
+
+def test_claims_are_quoted_from_the_seed():
+    seed = ROOT.parent / SEED
+    if not seed.is_file():
+        pytest.skip(f"the seed document {seed} is not in this checkout's workplace")
+    lines = seed.read_text().splitlines()
+    for claim in CLAIMS:
+        for offset, part in enumerate(claim.text.split(" / ")):
+            assert part in lines[claim.line - 1 + offset], (claim.line, part)
+
+
+def test_claims_table_flags_the_wrong_kv_head_count():
+    table = claims_table()
+    per_token = table[(table["seed line"] == 114)].iloc[0]
+    assert per_token["computed"] == pytest.approx(0.32768)
+    assert per_token["under the claim's assumption"] == pytest.approx(2.62144)
+    assert per_token["holds"] == "no" and "n_kv_heads=64 (the model has 8)" in per_token["reason"]
+    gqa = table[table["seed line"] == 179].set_index("model")
+    assert gqa.loc["llama-2-7b", "holds"] == "no" and "MHA" in gqa.loc["llama-2-7b", "reason"]
+    assert gqa.loc["llama-3-8b", "holds"] == "yes"
+    weights = table[table["seed line"] == 354].set_index("model")
+    assert weights.loc["llama-2-70b", "computed"] == pytest.approx(137.95, rel=1e-3)
+    assert (weights["holds"] == "yes").all()
+    assert (table.loc[table["holds"] == "no", "reason"] != "").all()
+
+
+def test_config_json_from_a_path(tmp_path, capsys):
+    config = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+              "num_key_value_heads": 1, "intermediate_size": 128, "vocab_size": 100}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    arch = read_hf_config(tmp_path)  # a model directory reads its config.json
+    assert (arch.n_kv_heads, arch.head_dim, arch.attention) == (1, 16, "MQA")
+    assert main_kv_calc([str(tmp_path / "config.json")]) == 0
+    out = capsys.readouterr().out
+    assert f"{2 * 3 * 1 * 16 * 2}" in out and "MQA" in out  # fp16 KV bytes per token
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "not a JSON object"),
+    (json.dumps({"model_type": "t5"}), "unsupported model_type 't5'; supported: llama"),
+    (json.dumps({"model_type": "llama", "hidden_size": 64}), "missing key 'num_attention_heads'"),
+    (json.dumps({"model_type": "gpt2", "n_embd": "768", "n_head": 12, "n_layer": 2, "vocab_size": 10,
+                 "n_positions": 8}), "n_embd='768' is not a positive integer"),
+])
+def test_bad_config_json_is_a_one_line_error(tmp_path, capsys, content, expected):
+    path = tmp_path / "config.json"
+    path.write_text(content)
+    assert main_kv_calc([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err and str(path) in err
+
+
+def test_unknown_name_is_a_one_line_error(capsys):
+    assert main_kv_calc(["llama-9-1b"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'llama-9-1b'" in err and "llama-2-7b" in err and "gpt-3-175b" in err
+
+
+def test_cli_through_python_m_harness(tmp_path):
+    missing = tmp_path / "absent.json"
+    run = subprocess.run([sys.executable, "-m", "harness", "kv-calc", str(missing)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.count("\n") == 1 and str(missing) in run.stderr
+
+
+def test_published_table_is_current(tmp_path, capsys):
+    assert main_kv_calc(["--all", "--publish", str(tmp_path)]) == 0
+    written = (tmp_path / "kv_calc.md").read_text()
+    assert "| llama-2-70b |" in written and "n_kv_heads=64 (the model has 8)" in written
+    assert written == (ROOT / "results" / "kv_calc.md").read_text(), \
+        "results/kv_calc.md is stale: run python -m harness kv-calc --all --publish results"
+    assert publish(tmp_path) == tmp_path / "kv_calc.md"
