@@ -51,6 +51,11 @@ class KVCache(ABC):
     def allocated_bytes(self) -> int:
         """Bytes of the key/value tensors actually allocated."""
 
+    @property
+    @abstractmethod
+    def element_bytes(self) -> int:
+        """Bytes per stored key or value element (4 for fp32, 2 for bf16/fp16, ...)."""
+
     def check_room(self, n_new: int) -> None:
         longest = int(self.lengths.max()) if self.lengths.numel() else 0
         if longest + n_new > self.capacity:

@@ -25,6 +25,7 @@ class RecordsError(ValueError):
 @dataclass
 class Record:
     suite: str
+    tier: str  # exactness or bench
     test: str  # the test's node id
     backend: str | None
     model: str | None

@@ -1,0 +1,69 @@
+"""python -m harness COMMAND: run (the main job), report, kv-calc, train."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .records import RecordsError
+
+MAIN_JOB_MARKERS = "exactness or bench"
+
+
+def run_main_job(results_dir: Path, pytest_args: list[str]) -> int:
+    """The suites on the default model (every available backend), then the published tables."""
+    import pytest
+
+    from backends.registry import available
+
+    backend_args = [arg for name in available() for arg in ("--backend", name)]
+    status = pytest.main(["suites", "-m", MAIN_JOB_MARKERS, "--results-dir", str(results_dir), *backend_args,
+                          *pytest_args])
+    written = report(results_dir)
+    return int(status) or written
+
+
+def report(results_dir: Path) -> int:
+    from .report import write_report
+
+    try:
+        paths = write_report(results_dir)
+    except RecordsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not paths:
+        print(f"error: no records under {results_dir / 'records'}; run the suites first", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the suites (exactness and bench tiers) and regenerate the tables")
+    run.add_argument("--results-dir", type=Path, default=Path("results"), help="default: results")
+    run.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra arguments passed to pytest")
+    rep = commands.add_parser("report", help="regenerate results/*.md from results/records/*.json")
+    rep.add_argument("--results-dir", type=Path, default=Path("results"), help="default: results")
+    commands.add_parser("kv-calc", help="KV-cache and weight bytes of a named model or a config.json", add_help=False)
+    commands.add_parser("train", help="train the embedded default models", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "kv-calc":
+        from .kv_calc import main_kv_calc
+
+        return main_kv_calc(rest)
+    if args.command == "train":
+        from .training import main_train
+
+        return main_train(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "run":
+        return run_main_job(args.results_dir, args.pytest_args)
+    return report(args.results_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
