@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+import torch
 
 from backends.base import Backend, ModelRunner, UnsupportedModel, strategy_capabilities
 from backends.checkpoint import Checkpoint, CheckpointError
@@ -48,6 +49,7 @@ class HarnessSession:
     attentions: list[Attention] | None  # None: every attention implementation each backend declares
     model: Checkpoint
     results_dir: Path
+    threads: int = field(default_factory=torch.get_num_threads)
     records: list[Record] = field(default_factory=list)
     runner_cache: RunnerCache = field(default_factory=RunnerCache)
 
@@ -185,6 +187,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     tiers = [marker for marker in RECORDED_MARKERS if item.get_closest_marker(marker)]
     if tiers:
         item.stash[TEST_RECORD] = TestRecord(tiers[0], item.config.stash[SESSION].model.name)
+    # Exactness checks run tiny models, where one thread is fastest and immune to a busy machine;
+    # measurements use every thread, as a user would.
+    torch.set_num_threads(1 if "bench" not in tiers else item.config.stash[SESSION].threads)
 
 
 def _plain(value: object) -> object:

@@ -68,6 +68,7 @@ class TorchRunner(ModelRunner):
 @register
 class TorchBackend(Backend):
     name = "torch"
+    runner_class: type[TorchRunner] = TorchRunner  # a subclass may swap the runner (tests plant faults this way)
 
     @classmethod
     def capabilities(cls) -> frozenset[str]:
@@ -87,4 +88,4 @@ class TorchBackend(Backend):
         missing = self.missing(*strategy_capabilities(strategy))
         if missing:
             raise UnsupportedModel(f"backend {self.name!r} lacks {', '.join(missing)}")
-        return TorchRunner(checkpoint, strategy, default_device())
+        return self.runner_class(checkpoint, strategy, default_device())

@@ -1,0 +1,45 @@
+"""The KV-cache suite is trusted only because it fails on these planted faults."""
+from pathlib import Path
+
+import pytest
+
+from backends.registry import register, unregister
+
+from .planted_faults import PLANTED
+
+KV_SUITE = str(Path(__file__).resolve().parents[1] / "suites" / "test_kv_cache.py")
+
+
+@pytest.fixture
+def planted_backends():
+    for cls in PLANTED.values():
+        register(cls)
+    yield
+    for name in PLANTED:
+        unregister(name)
+
+
+def run_kv_suite(pytester, backend: str, selection: str):
+    return pytester.runpytest_inprocess(KV_SUITE, "-m", "exactness", "--backend", backend, "--attention", "sdpa",
+                                        "-k", selection, "-p", "no:randomly", "-q")
+
+
+def test_reference_backend_passes_the_same_selection(pytester, planted_backends):
+    result = run_kv_suite(pytester, "torch", "cached_decode_matches_recompute or left_padded or rollback")
+    result.assert_outcomes(passed=43)
+
+
+def test_rope_off_by_one_after_the_cache_is_caught(pytester, planted_backends):
+    result = run_kv_suite(pytester, "rope-off-by-one", "cached_decode_matches_recompute or chunked_prefill")
+    # every position encoding sees the shifted positions: all 7 encodings x 3 attention kinds x 2 tests fail
+    result.assert_outcomes(failed=42)
+
+
+def test_ignored_padding_mask_is_caught(pytester, planted_backends):
+    result = run_kv_suite(pytester, "ignores-padding", "left_padded")
+    result.assert_outcomes(failed=21)
+
+
+def test_cache_not_rolled_back_is_caught(pytester, planted_backends):
+    result = run_kv_suite(pytester, "no-rollback", "rollback_then_decode")
+    result.assert_outcomes(failed=1)
