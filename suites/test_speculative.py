@@ -1,0 +1,446 @@
+"""Speculative decoding: exact by construction, shown to be exact, its speedup measured against the theory.
+
+- greedy: the tokens equal the target's own, for k = 1..8 and every draft source (always accepted: the target
+  itself; never accepted: random weights; the trained draft; the target quantized; prompt lookup);
+- the rejection sampler alone, on synthetic distributions, judged by chi-square tests at significance 1e-4;
+- end to end with sampling on a five-token vocabulary: the joint distribution of the generated tokens equals
+  the target's, exactly enumerated; plain sampling from the target is judged by the same test;
+- bench: acceptance, tokens per target call, speedup over the target alone, beside Leviathan et al.'s prediction.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from functools import cache
+
+import pytest
+import torch
+
+from backends.base import ModelRunner, UnsupportedModel
+from backends.checkpoint import Checkpoint, ModelConfig
+from backends.generation import GREEDY, Generation, Sampling, generate
+from backends.registry import get_backend
+from backends.rejection_sampler import draw, one_hot, residual, verify
+from backends.speculative import Drafter, ModelDraft, PromptLookupDraft, SpeculativeDecoder
+from backends.strategies import Quant, Strategy
+from harness.models import random_checkpoint, resolve_model
+from harness.oracles import assert_distribution, assert_greedy_agrees
+
+K_VALUES = [pytest.param(k, id=f"k{k}") for k in range(1, 9)]
+GREEDY_TOKENS = 64
+ALPHA = 1e-4  # significance of every chi-square test
+SAMPLER_DRAWS = 60_000
+SELF_DRAFT_QUANTS = (Quant.INT8_DYNAMIC, Quant.BF16)  # the target quantized, first one the backend declares
+GREEDY_DRAFTS = ["target", "random", "trained", "self-quantized", "prompt-lookup"]
+
+
+# --- draft sources -------------------------------------------------------------------------------
+
+
+@cache
+def random_draft_checkpoint(config: ModelConfig) -> Checkpoint:
+    """Random weights, smaller than the target, same vocabulary: a draft the target (almost) never accepts."""
+    small = config.replace(d_model=64, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=128, tie_embeddings=False,
+                           head_dim_override=None)
+    return random_checkpoint(small, seed=1234, name="random-draft")
+
+
+_TRAINED_DRAFTS: dict[str, Checkpoint] = {}  # by target name; one object per session, so runners are cached
+
+
+def trained_draft_checkpoint(target: Checkpoint) -> Checkpoint:
+    """The distilled draft trained beside the target when there is one; otherwise a stand-in that agrees with
+    the target often but not always: the target with noise added to every weight."""
+    if target.name not in _TRAINED_DRAFTS:
+        if target.name == "default-target":
+            _TRAINED_DRAFTS[target.name] = resolve_model("default-draft")
+        else:
+            generator = torch.Generator().manual_seed(99)
+            weights = {name: w + 0.1 * w.float().std() * torch.randn(w.shape, generator=generator)
+                       for name, w in target.weights.items()}
+            _TRAINED_DRAFTS[target.name] = Checkpoint(f"{target.name}-noisy", target.config, weights)
+    return _TRAINED_DRAFTS[target.name]
+
+
+def self_draft_strategy(backend) -> Strategy:
+    for quant in SELF_DRAFT_QUANTS:
+        if not backend.missing(f"quant:{quant.value}"):
+            return Strategy(quant)
+    pytest.skip(f"backend {backend.name} lacks capability {' or '.join(f'quant:{q.value}' for q in SELF_DRAFT_QUANTS)}")
+
+
+def make_drafter(source: str, backend, checkpoint: Checkpoint, load_runner) -> Drafter:
+    if source == "target":
+        return ModelDraft(load_runner(checkpoint, Strategy()))
+    if source == "random":
+        return ModelDraft(load_runner(random_draft_checkpoint(checkpoint.config), Strategy()))
+    if source == "trained":
+        return ModelDraft(load_runner(trained_draft_checkpoint(checkpoint), Strategy()))
+    if source == "self-quantized":
+        return ModelDraft(load_runner(checkpoint, self_draft_strategy(backend)))
+    if source == "prompt-lookup":
+        return PromptLookupDraft(checkpoint.config.vocab_size)
+    raise ValueError(f"unknown draft source {source!r}; accepted: {', '.join(GREEDY_DRAFTS)}")
+
+
+def prompts_for(config: ModelConfig) -> list[list[int]]:
+    """A ragged batch of seeded prompts (left padding, rows of different lengths)."""
+    generator = torch.Generator().manual_seed(7)
+    return [torch.randint(1, config.vocab_size, (n,), generator=generator).tolist() for n in (11, 4, 23)]
+
+
+_TARGET_ALONE: dict[tuple, Generation] = {}
+
+
+def target_alone(target: ModelRunner, prompts: list[list[int]], n: int) -> Generation:
+    """The target's own greedy tokens (cached: runners live for the session)."""
+    key = (id(target), tuple(map(tuple, prompts)), n)
+    if key not in _TARGET_ALONE:
+        _TARGET_ALONE[key] = generate(target, prompts, n)
+    return _TARGET_ALONE[key]
+
+
+# --- greedy: identical tokens --------------------------------------------------------------------
+
+
+def assert_same_tokens(result, expected: Generation) -> None:
+    for row, (tokens, reference) in enumerate(zip(result.tokens, expected.tokens)):
+        assert len(tokens) == len(reference), f"row {row}: {len(tokens)} tokens, expected {len(reference)}"
+        assert_greedy_agrees(tokens, result.logits[row], reference, expected.logits[row])
+
+
+@pytest.mark.exactness
+@pytest.mark.parametrize("k", K_VALUES)
+@pytest.mark.parametrize("draft", GREEDY_DRAFTS)
+def test_greedy_matches_target(backend, checkpoint, load_runner, record, draft, k):
+    drafter = make_drafter(draft, backend, checkpoint, load_runner)
+    target = load_runner(checkpoint, Strategy())  # loaded last: the record names the target's model and strategy
+    prompts = prompts_for(checkpoint.config)
+    result = SpeculativeDecoder(target, drafter, k).generate(prompts, GREEDY_TOKENS)
+    stats = result.stats
+    record(acceptance_rate=stats.acceptance_rate, tokens_per_target_call=stats.tokens_per_target_call)
+    assert_same_tokens(result, target_alone(target, prompts, GREEDY_TOKENS))
+    # the paths this draft is meant to exercise were exercised
+    if draft == "target":
+        assert stats.full_rounds > 0, "the target as its own draft never had all k drafts accepted"
+    if draft in ("random", "trained"):
+        assert stats.rejections > 0, f"the {draft} draft was never rejected: the rollback path did not run"
+
+
+class RecordingDraft(Drafter):
+    """Wraps a drafter and keeps each round's (history, proposal) for inspection."""
+
+    def __init__(self, inner: Drafter):
+        self.inner = inner
+        self.rounds: list[tuple[list[list[int]], list[list[int]]]] = []
+
+    def start(self, tokens, positions, mask, capacity):
+        self.inner.start(tokens, positions, mask, capacity)
+
+    def propose(self, history, pending, positions, k, sampling, generator):
+        tokens, probs = self.inner.propose(history, pending, positions, k, sampling, generator)
+        self.rounds.append(([list(h) for h in history], tokens.tolist()))
+        return tokens, probs
+
+    def rollback(self, n_accepted, active):
+        self.inner.rollback(n_accepted, active)
+
+
+@pytest.mark.exactness
+def test_draft_cache_follows_accepted_tokens(backend, checkpoint, load_runner, record):
+    """After every rollback the draft model proposes exactly its own greedy continuation of the accepted history:
+    its cache holds the accepted tokens and nothing else (a stale draft cache would not change the output, only
+    the acceptance, so the greedy test alone cannot see it)."""
+    draft_runner = load_runner(trained_draft_checkpoint(checkpoint), Strategy())
+    target = load_runner(checkpoint, Strategy())
+    drafter = RecordingDraft(ModelDraft(draft_runner))
+    k = 3
+    result = SpeculativeDecoder(target, drafter, k).generate(prompts_for(checkpoint.config), 32)
+    assert result.stats.full_rounds > 0 and result.stats.rejections > 0, "need both full acceptance and rejections"
+    checked = 0
+    for history, proposal in drafter.rounds[:12]:
+        alone = generate(draft_runner, history, k)
+        for row, tokens in enumerate(proposal):
+            assert tokens == alone.tokens[row], (f"round {checked // len(proposal)}, row {row}: the draft proposed "
+                                                 f"{tokens}, its own greedy continuation is {alone.tokens[row]}")
+            checked += 1
+    record(proposals_checked=checked)
+
+
+_CROSS_RUNNERS: dict[tuple, ModelRunner] = {}
+
+
+def cross_runner(backend_name: str, checkpoint: Checkpoint) -> ModelRunner:
+    """A runner of a backend other than the test's own (fp32, the backend's default attention), kept for the module."""
+    try:
+        backend = get_backend(backend_name)()
+    except ValueError as error:
+        pytest.skip(f"backend {backend_name} is not available: {error}")
+    key = (backend_name, checkpoint.name)
+    if key not in _CROSS_RUNNERS:
+        try:
+            _CROSS_RUNNERS[key] = backend.load(checkpoint, Strategy())
+        except UnsupportedModel as error:
+            pytest.skip(f"backend {backend_name}: {error}")
+    return _CROSS_RUNNERS[key]
+
+
+@pytest.mark.exactness
+@pytest.mark.parametrize("k", [pytest.param(k, id=f"k{k}") for k in (1, 4, 8)])
+def test_greedy_torch_draft_onnxrt_target(checkpoint, record, k):
+    """Draft and target on different backends: a torch draft, an ONNX Runtime target."""
+    target = cross_runner("onnxrt", checkpoint)
+    drafter = ModelDraft(cross_runner("torch", trained_draft_checkpoint(checkpoint)))
+    record.params(draft_backend="torch", target_backend="onnxrt")
+    prompts = prompts_for(checkpoint.config)
+    result = SpeculativeDecoder(target, drafter, k).generate(prompts, GREEDY_TOKENS)
+    record(acceptance_rate=result.stats.acceptance_rate, tokens_per_target_call=result.stats.tokens_per_target_call)
+    assert_same_tokens(result, target_alone(target, prompts, GREEDY_TOKENS))
+    assert result.stats.rejections > 0 and result.stats.accepted > 0, "need both accepted and rejected drafts"
+
+
+# --- the sampler alone, on synthetic distributions -----------------------------------------------
+
+V, K = 8, 3
+
+
+def synthetic(seed: int, n: int) -> torch.Tensor:
+    """n distributions over V tokens, no probability below about 2%."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.rand(n, V, generator=generator, dtype=torch.float64) + 0.2
+    return weights / weights.sum(-1, keepdim=True)
+
+
+def synthetic_pair() -> tuple[torch.Tensor, torch.Tensor]:
+    """p_1..p_{K+1} and q_1..q_K. Token 7 has target probability 0 (the draft proposes it), token 0 draft
+    probability 0 (only the residual or the bonus can emit it)."""
+    p, q = synthetic(1, K + 1), synthetic(2, K)
+    p[:, 7] = 0
+    q[:, 0] = 0
+    return p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
+
+
+def normalized_residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """norm(max(0, p - q)), written out here so the tests do not judge the sampler by its own code."""
+    excess = (p - q).clamp(min=0)
+    return excess / excess.sum(-1, keepdim=True)
+
+
+def run_sampler(p: torch.Tensor, q: torch.Tensor, n: int, seed: int):
+    """n independent rows: draft from q (torch.multinomial), verify against p.
+    Returns (n_accepted (n,), tokens (n, K+1), emitted (n, K+1)): the token at each output position, and
+    whether the row reached that position."""
+    generator = torch.Generator().manual_seed(seed)
+    drafts = torch.stack([torch.multinomial(q[j], n, replacement=True, generator=generator) for j in range(K)], dim=1)
+    uniforms = torch.rand(n, K + 1, generator=generator, dtype=torch.float64)
+    n_accepted, next_token = verify(p.expand(n, -1, -1), q.expand(n, -1, -1), drafts, uniforms[:, :K], uniforms[:, K])
+    # the token at output position j: the draft while j < n_accepted, then the drawn one
+    positions = torch.arange(K + 1)
+    tokens = torch.where(positions < n_accepted[:, None], torch.cat([drafts, drafts[:, :1]], 1), next_token[:, None])
+    emitted = positions <= n_accepted[:, None]
+    return n_accepted, tokens, emitted
+
+
+@pytest.fixture(scope="module")
+def sampler_run():
+    p, q = synthetic_pair()
+    return p, q, run_sampler(p, q, SAMPLER_DRAWS, seed=0)
+
+
+@pytest.mark.exactness
+def test_sampler_tokens_follow_target(sampler_run, record):
+    """The token at each output position, over the rows that reach it, is distributed as the target's p_j
+    (the acceptances before it are independent of the draws at j); never a token of probability 0."""
+    p, q, (n_accepted, tokens, emitted) = sampler_run
+    pvalues = []
+    for j in range(K + 1):
+        counts = torch.bincount(tokens[emitted[:, j], j], minlength=V)
+        pvalues.append(assert_distribution(counts, p[j], ALPHA, what=f"token at position {j}"))
+    record(draws=SAMPLER_DRAWS, min_pvalue=min(pvalues))
+
+
+@pytest.mark.exactness
+def test_sampler_accepted_counts(sampler_run, record):
+    """P(n accepted) = [1 - a0, a0 (1 - a1), a0 a1 (1 - a2), a0 a1 a2] with a_i = sum(min(p_i, q_i))."""
+    p, q, (n_accepted, _, _) = sampler_run
+    a = torch.minimum(p[:K], q).sum(-1)
+    reached = torch.cat([torch.ones(1, dtype=torch.float64), a.cumprod(0)])  # P(n >= j)
+    expected = reached - torch.cat([reached[1:], torch.zeros(1, dtype=torch.float64)])
+    pvalue = assert_distribution(torch.bincount(n_accepted, minlength=K + 1), expected, ALPHA, what="accepted counts")
+    record(draws=SAMPLER_DRAWS, min_pvalue=pvalue)
+
+
+@pytest.mark.exactness
+def test_sampler_token_after_rejection_is_residual(sampler_run, record):
+    """The token drawn after a rejection at position j follows norm(max(0, p_j - q_j))."""
+    p, q, (n_accepted, tokens, _) = sampler_run
+    pvalues = []
+    for j in range(K):
+        rejected_here = n_accepted == j
+        counts = torch.bincount(tokens[rejected_here, j], minlength=V)
+        pvalues.append(assert_distribution(counts, normalized_residual(p[j], q[j]), ALPHA,
+                                           what=f"token after rejection at {j}"))
+    record(draws=SAMPLER_DRAWS, min_pvalue=min(pvalues))
+
+
+@pytest.mark.exactness
+def test_sampler_p_equals_q(record):
+    """p == q: every draft is accepted (no NaN from the empty residual) and the bonus token follows p_{K+1}."""
+    p, _ = synthetic_pair()
+    n_accepted, tokens, _ = run_sampler(p, p[:K].clone(), SAMPLER_DRAWS, seed=1)
+    assert bool((n_accepted == K).all()), f"{int((n_accepted < K).sum())} of {SAMPLER_DRAWS} rows rejected a draft"
+    assert torch.isfinite(residual(p[:K], p[:K])).all()
+    pvalue = assert_distribution(torch.bincount(tokens[:, K], minlength=V), p[K], ALPHA, what="bonus token")
+    record(draws=SAMPLER_DRAWS, min_pvalue=pvalue)
+
+
+@pytest.mark.exactness
+def test_sampler_never_accepts_zero_probability_tokens():
+    """A deterministic draft (q one-hot) of a token the target gives probability 0 is always rejected."""
+    p, _ = synthetic_pair()
+    n = 10_000
+    drafts = torch.full((n, K), 7)  # p(7) == 0 at every position
+    uniforms = torch.rand(n, K + 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    n_accepted, next_token = verify(p.expand(n, -1, -1), one_hot(drafts, V), drafts, uniforms[:, :K], uniforms[:, K])
+    assert bool((n_accepted == 0).all()), "a draft token of target probability 0 was accepted"
+    assert not bool((next_token == 7).any()), "a token of target probability 0 was drawn after the rejection"
+
+
+@pytest.mark.exactness
+def test_sampler_uniform_draw_of_zero():
+    """u == 0 exactly: accept only tokens the target can emit, and draw no token of probability 0."""
+    p = torch.tensor([[[0.0, 0.5, 0.5, 0.0], [0.0, 0.0, 1.0, 0.0]]], dtype=torch.float64)  # (1, K=1 + 1, 4)
+    q = torch.full((1, 1, 4), 0.25, dtype=torch.float64)
+    zero = torch.zeros(1, 1, dtype=torch.float64)
+    n_accepted, next_token = verify(p, q, torch.tensor([[0]]), zero, zero[:, 0])  # draft token 0: p = 0
+    assert n_accepted.tolist() == [0], "u = 0 accepted a draft token of target probability 0"
+    assert next_token.tolist() == [1], f"u = 0 drew token {next_token.item()}; the residual's first possible token is 1"
+    n_accepted, next_token = verify(p, q, torch.tensor([[2]]), zero, zero[:, 0])  # p(2) = 0.5 > 0: accepted
+    assert n_accepted.tolist() == [1] and next_token.tolist() == [2], (n_accepted, next_token)
+    assert draw(p[0, :1], torch.zeros(1)).tolist() == [1], "u = 0 drew a token of probability 0"
+
+
+# --- end to end, sampling, on a five-token vocabulary --------------------------------------------
+
+TINY_VOCAB = ModelConfig(vocab_size=5, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32,
+                         max_position_embeddings=64)
+E2E_PROMPT = [1, 3, 2]
+E2E_NEW, E2E_K, E2E_DRAWS = 4, 2, 50_000
+SAMPLING = Sampling(temperature=1.0)
+
+
+@cache
+def tiny_vocab_checkpoint(seed: int) -> Checkpoint:
+    return random_checkpoint(TINY_VOCAB, seed=seed, name=f"tiny-vocab-s{seed}")
+
+
+def exact_sequence_probabilities(target: ModelRunner, prompt: list[int], n: int) -> torch.Tensor:
+    """(V^n,) the target's probability of every continuation of n tokens, enumerated in lexicographic order."""
+    vocab = target.config.vocab_size
+    sequences = torch.tensor(list(itertools.product(range(vocab), repeat=n)))
+    tokens = torch.cat([torch.tensor(prompt).expand(len(sequences), -1), sequences], dim=1)
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    logits = target.forward_full(tokens, positions).double().cpu()[:, len(prompt) - 1:-1]  # (N, n, V)
+    log_probs = torch.log_softmax(logits, dim=-1).gather(-1, sequences[..., None]).squeeze(-1)
+    return log_probs.sum(-1).exp()
+
+
+def sequence_counts(rows: list[list[int]], vocab: int, n: int) -> torch.Tensor:
+    index = torch.tensor(rows) @ (vocab ** torch.arange(n - 1, -1, -1))
+    return torch.bincount(index, minlength=vocab ** n)
+
+
+@pytest.mark.exactness
+def test_sampling_matches_target_distribution(backend, load_runner, record):
+    """Speculative sampling (a different random draft, k=2, 4 new tokens, every row accepting on its own) and
+    plain sampling from the target both follow the target's exact joint distribution of 5^4 continuations."""
+    draft = load_runner(tiny_vocab_checkpoint(1), Strategy())
+    target = load_runner(tiny_vocab_checkpoint(0), Strategy())
+    exact = exact_sequence_probabilities(target, E2E_PROMPT, E2E_NEW)
+    prompts = [E2E_PROMPT] * E2E_DRAWS
+    speculative = SpeculativeDecoder(target, ModelDraft(draft), E2E_K, SAMPLING).generate(prompts, E2E_NEW, seed=0)
+    plain = generate(target, prompts, E2E_NEW, SAMPLING, seed=0)
+    stats = speculative.stats
+    assert stats.rejections > 0 and stats.full_rounds > 0, "need both rejections and full acceptance"
+    pvalue_spec = assert_distribution(sequence_counts(speculative.tokens, 5, E2E_NEW), exact, ALPHA,
+                                      what="speculative sampling")
+    pvalue_plain = assert_distribution(sequence_counts(plain.tokens, 5, E2E_NEW), exact, ALPHA, what="plain sampling")
+    record(draws=E2E_DRAWS, min_pvalue=min(pvalue_spec, pvalue_plain), pvalue_speculative=pvalue_spec,
+           pvalue_plain=pvalue_plain, acceptance_rate=stats.acceptance_rate)
+
+
+# --- bench: speedup over the target alone, beside the theory -------------------------------------
+
+BENCH_DRAFTS = ["trained", "self-quantized", "prompt-lookup"]
+BENCH_PROMPT_TOKENS, BENCH_TOKENS = 128, 64
+BENCH_ROUNDS = 5
+
+
+@cache
+def heldout_code_text() -> str:
+    """The first held-out standard-library module: real text the embedded models never trained on."""
+    from harness import corpus
+
+    _, heldout = corpus.split(corpus.documents())
+    return next(doc.text for doc in heldout if doc.name.endswith(".py"))
+
+
+def bench_prompt(checkpoint: Checkpoint) -> list[int]:
+    """Held-out text in the model's own tokenizer when it has one; seeded random tokens otherwise."""
+    if checkpoint.directory is not None and (checkpoint.directory / "tokenizer.json").exists():
+        from harness.training import load_tokenizer
+
+        ids = load_tokenizer(checkpoint.directory).encode(heldout_code_text()).ids
+        return ids[:BENCH_PROMPT_TOKENS]
+    generator = torch.Generator().manual_seed(11)
+    return torch.randint(1, checkpoint.config.vocab_size, (BENCH_PROMPT_TOKENS,), generator=generator).tolist()
+
+
+def predicted_speedup(acceptance: float, k: int, c: float) -> float:
+    """Leviathan et al. (2023), Theorem 3.8: expected walltime improvement (1 - a^(k+1)) / ((1 - a)(c k + 1))."""
+    if acceptance >= 1.0:
+        return (k + 1) / (c * k + 1)
+    return (1 - acceptance ** (k + 1)) / ((1 - acceptance) * (c * k + 1))
+
+
+def median(values: list[float]) -> float:
+    return float(torch.tensor(values).median())
+
+
+@pytest.mark.bench
+@pytest.mark.parametrize("k", K_VALUES)
+@pytest.mark.parametrize("draft", BENCH_DRAFTS)
+def test_speedup(backend, checkpoint, load_runner, record, benchmark, draft, k):
+    """Batch 1, greedy: the speculative decoder and the target alone, timed alternately in the same run.
+    c is the draft's cost per drafted token over the target's cost per token alone (prefill amortized in both);
+    verify_cost is one verification forward (k+1 tokens, plus the sampler) in the same unit."""
+    drafter = make_drafter(draft, backend, checkpoint, load_runner)
+    target = load_runner(checkpoint, Strategy())
+    decoder = SpeculativeDecoder(target, drafter, k)
+    prompt = [bench_prompt(checkpoint)]
+    target_times, speculative_times, alone = [], [], []
+
+    def time_target_alone():
+        start = time.perf_counter()
+        alone.append(generate(target, prompt, BENCH_TOKENS))
+        target_times.append(time.perf_counter() - start)
+
+    def speculative():
+        start = time.perf_counter()
+        result = decoder.generate(prompt, BENCH_TOKENS)
+        speculative_times.append(time.perf_counter() - start)
+        return result
+
+    result = benchmark.pedantic(speculative, setup=time_target_alone, rounds=BENCH_ROUNDS, warmup_rounds=1)
+    assert result.tokens == alone[-1].tokens, "speculative greedy tokens differ from the target's"
+    warm = slice(1, None) if len(target_times) > 1 else slice(None)  # drop the warm-up round
+    target_s, speculative_s = median(target_times[warm]), median(speculative_times[warm])
+    stats = result.stats
+    target_step = target_s / BENCH_TOKENS
+    c = stats.draft_s / stats.drafted / target_step if stats.drafted else 0.0
+    acceptance = stats.acceptance_rate if stats.judged else 0.0
+    record.params(draft=draft, k=k, new_tokens=BENCH_TOKENS, prompt_tokens=len(prompt[0]))
+    record(acceptance_rate=acceptance, tokens_per_target_call=stats.tokens_per_target_call,
+           tokens_per_s=BENCH_TOKENS / speculative_s, target_tokens_per_s=BENCH_TOKENS / target_s,
+           speedup=target_s / speculative_s, c=c, verify_cost=stats.target_s / stats.target_calls / target_step,
+           predicted_speedup=predicted_speedup(acceptance, k, c))

@@ -1,0 +1,81 @@
+"""The speculative-decoding suite is trusted only because it fails on these planted faults.
+
+Each test plants one fault (a planted-fault backend, or one function of the decoder swapped for a faulty
+copy), runs a selection of suites/test_speculative.py in process, and asserts which tests fail and why.
+"""
+from pathlib import Path
+
+import pytest
+import torch
+
+from backends import rejection_sampler, speculative
+from backends.registry import register, unregister
+
+from .planted_faults import PLANTED
+
+SUITE = str(Path(__file__).resolve().parents[1] / "suites" / "test_speculative.py")
+SAMPLER_SELECTION = "sampler or sampling_matches_target"
+GREEDY_SELECTION = "greedy_matches_target and (random or trained) and k1"
+
+
+def run_suite(pytester, selection: str, backend: str = "torch"):
+    return pytester.runpytest_inprocess(SUITE, "-m", "exactness", "--backend", backend, "-k", selection,
+                                        "-p", "no:randomly", "-q")
+
+
+@pytest.fixture
+def no_rollback_backend():
+    register(PLANTED["no-rollback"])
+    yield "no-rollback"
+    unregister("no-rollback")
+
+
+def test_reference_passes_the_same_selections(pytester):
+    result = run_suite(pytester, f"{SAMPLER_SELECTION} or ({GREEDY_SELECTION}) or draft_cache_follows")
+    result.assert_outcomes(passed=10)
+
+
+def test_argmax_draft_is_caught(pytester, monkeypatch):
+    """The draft proposes its argmax while the sampler is told the token was drawn from q."""
+    monkeypatch.setattr(speculative, "draw", lambda probs, uniforms: probs.argmax(dim=-1))
+    result = run_suite(pytester, SAMPLER_SELECTION)
+    result.assert_outcomes(failed=1, passed=6)
+    result.stdout.fnmatch_lines(["*speculative sampling: chi-square * p = * < 0.0001*",
+                                 "FAILED *test_sampling_matches_target_distribution*"])
+
+
+def test_residual_not_renormalized_is_caught(pytester, monkeypatch):
+    """After a rejection the next token is drawn from max(0, p - q) without dividing by its mass."""
+    monkeypatch.setattr(rejection_sampler, "residual", lambda p, q: (p - q).clamp(min=0))
+    result = run_suite(pytester, SAMPLER_SELECTION)
+    result.assert_outcomes(failed=3, passed=4)
+    result.stdout.fnmatch_lines_random(["FAILED *test_sampler_tokens_follow_target*",
+                                        "FAILED *test_sampler_token_after_rejection_is_residual*",
+                                        "FAILED *test_sampling_matches_target_distribution*"])
+
+
+def test_target_cache_not_rolled_back_is_caught(pytester, no_rollback_backend):
+    """truncate() does nothing: rejected draft tokens stay in the target's (and the draft's) cache."""
+    result = run_suite(pytester, GREEDY_SELECTION, backend=no_rollback_backend)
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(["*greedy tokens differ at step*"])
+
+
+def test_draft_cache_keeping_a_rejected_token_is_caught(pytester, monkeypatch):
+    """The draft's rollback is off by one: it keeps the first rejected draft token. The output is still exact
+    (the target decides), so only the check of the draft's proposals can see it."""
+    rollback = speculative.ModelDraft.rollback
+
+    def rollback_off_by_one(self, n_accepted, active):
+        cache = self.cache
+        truncate = cache.truncate
+        cache.truncate = lambda lengths: truncate(torch.minimum(lengths + 1, cache.lengths.cpu()))
+        try:
+            rollback(self, n_accepted, active)
+        finally:
+            del cache.truncate
+
+    monkeypatch.setattr(speculative.ModelDraft, "rollback", rollback_off_by_one)
+    result = run_suite(pytester, f"draft_cache_follows or ({GREEDY_SELECTION})")
+    result.assert_outcomes(failed=1, passed=2)
+    result.stdout.fnmatch_lines(["*the draft proposed * its own greedy continuation is*"])
