@@ -1,0 +1,161 @@
+"""ONNX Runtime sessions over the decoder-step contract of graph.py: validation, the in-place KV cache, the runner.
+
+The cache keeps one preallocated OrtValue per layer and kind, (B, Hkv, capacity, D), zero-filled once. Each
+forward binds it with IO binding as both the past input and the present output, so ONNX Runtime scatters the
+new keys and values into it in place: nothing of the cache passes through numpy, or is copied, per step. The
+slot bookkeeping (which slots are valid, the position each holds, each row's length) follows
+backends/torch_ref/model.TorchKVCache, so the two backends honour the same cache semantics (base.py).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from backends.base import KVCache, ModelRunner
+from backends.checkpoint import Checkpoint, ModelConfig
+from backends.strategies import Strategy
+
+from .graph import input_names, layer_names, output_names
+
+CONFIG_METADATA = "exactbench.config"  # the exporting model's ModelConfig, as JSON (see backend.stamp)
+ELEMENT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class OnnxModelError(ValueError):
+    """An .onnx file that cannot serve as this model's decoder step; the message names the file and the problem."""
+
+
+def execution_providers() -> list[str]:
+    """CUDA where onnxruntime has it, else the CPU."""
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def open_session(path: Path, config: ModelConfig) -> ort.InferenceSession:
+    """A session for `path`, checked against the decoder-step contract for `config`."""
+    try:
+        session = ort.InferenceSession(str(path), providers=execution_providers())
+    except Exception as error:  # onnxruntime's pybind errors (InvalidProtobuf, Fail, NoSuchFile) share no base
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OnnxModelError(f"{path}: not a loadable ONNX model ({reason})") from None
+    check_contract(session, config, path)
+    return session
+
+
+def check_contract(session: ort.InferenceSession, config: ModelConfig, path: Path) -> None:
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    missing = [n for n in input_names(config) if n not in inputs] + [n for n in output_names(config) if n not in outputs]
+    unexpected = [n for n in inputs if n not in input_names(config)] + [n for n in outputs if n not in output_names(config)]
+    if missing or unexpected:
+        raise OnnxModelError(f"{path}: not an exactbench decoder step for this model: missing {missing[:4]}, "
+                             f"unexpected {unexpected[:4]} (expected inputs {', '.join(input_names(config)[:5])}, ...)")
+    kv_shape = [config.n_kv_heads, config.head_dim]
+    for name in layer_names(config, "past_key_values"):
+        shape = inputs[name].shape
+        if len(shape) != 4 or shape[1::2] != kv_shape or inputs[name].type not in ELEMENT_TYPES:
+            raise OnnxModelError(f"{path}: {name} is {inputs[name].type} of shape {shape}; this model needs float "
+                                 f"(batch, {config.n_kv_heads}, capacity, {config.head_dim})")
+    if outputs["logits"].shape[-1] != config.vocab_size:
+        raise OnnxModelError(f"{path}: logits have {outputs['logits'].shape[-1]} columns; the model's vocabulary "
+                             f"is {config.vocab_size}")
+    exported = session.get_modelmeta().custom_metadata_map.get(CONFIG_METADATA)
+    if exported is not None and ModelConfig.from_dict(json.loads(exported)) != config:
+        raise OnnxModelError(f"{path}: exported from another model configuration ({exported})")
+
+
+class OrtKVCache(KVCache):
+    """Per-layer keys and values as OrtValues (B, Hkv, capacity, D), plus each slot's validity and position."""
+
+    def __init__(self, owner: OrtRunner, values: list[ort.OrtValue], batch_size: int, capacity: int):
+        self.owner = owner
+        self.values = values  # in graph order: layer 0 key, layer 0 value, layer 1 key, ...
+        self._capacity = capacity
+        self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool)
+        self.positions = torch.zeros(batch_size, capacity, dtype=torch.long)
+        self._lengths = torch.zeros(batch_size, dtype=torch.long)
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self._lengths
+
+    @property
+    def element_bytes(self) -> int:
+        return np.dtype(self.owner.cache_dtype).itemsize
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(int(np.prod(value.shape())) for value in self.values) * self.element_bytes
+
+    def truncate(self, lengths: torch.Tensor) -> None:
+        lengths = lengths.to(self._lengths)
+        if bool((lengths > self._lengths).any()) or bool((lengths < 0).any()):
+            raise ValueError(f"truncate can only shorten rows: {self._lengths.tolist()} -> {lengths.tolist()}")
+        self.valid &= torch.arange(self.capacity)[None, :] < lengths[:, None]
+        self._lengths = lengths.clone()
+
+
+class OrtRunner(ModelRunner):
+    """One ONNX model file (a strategy of one checkpoint) in an onnxruntime session."""
+
+    def __init__(self, checkpoint: Checkpoint, strategy: Strategy, path: Path):
+        super().__init__(checkpoint, strategy)
+        self.path = path
+        self.session = open_session(path, checkpoint.config)
+        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        past = {i.name: i for i in self.session.get_inputs()}
+        self.past_names = layer_names(self.config, "past_key_values")
+        self.present_names = layer_names(self.config, "present")
+        self.cache_dtype = ELEMENT_TYPES[past[self.past_names[0]].type]
+
+    def new_cache(self, batch_size: int, capacity: int) -> OrtKVCache:
+        cfg = self.config
+        shape = (batch_size, cfg.n_kv_heads, capacity, cfg.head_dim)
+        # zero-filled once: a never-written slot is masked, but 0 x NaN would still reach the output
+        values = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.cache_dtype), self.device, 0)
+                  for _ in self.past_names]
+        return OrtKVCache(self, values, batch_size, capacity)
+
+    def forward(self, cache, tokens, positions, token_mask=None):
+        if not isinstance(cache, OrtKVCache) or cache.owner is not self:
+            raise TypeError(f"cache of type {type(cache).__name__} was not made by this runner")
+        if tokens.shape != positions.shape or tokens.dim() != 2 or tokens.shape[0] != cache.lengths.shape[0]:
+            raise ValueError(f"tokens {tuple(tokens.shape)} and positions {tuple(positions.shape)} must both be "
+                             f"(batch={cache.lengths.shape[0]}, T)")
+        mask = torch.ones_like(tokens, dtype=torch.bool) if token_mask is None else token_mask.cpu().bool()
+        tokens, positions = tokens.cpu().long(), positions.cpu().long()
+        n_new = tokens.shape[1]
+        cache.check_room(n_new)
+        # the slots this call fills, as TorchKVCache.begin; committed to the cache only once the run succeeds
+        slots = cache.lengths[:, None] + torch.arange(n_new)  # (B, T)
+        rows = torch.arange(tokens.shape[0])[:, None]
+        valid, key_positions = cache.valid.clone(), cache.positions.clone()
+        valid[rows, slots] = mask
+        key_positions[rows, slots] = positions
+        lengths = cache.lengths + n_new
+        seen = int(lengths.max()) if lengths.numel() else 0
+
+        binding = self.session.io_binding()
+        feeds = {"input_ids": tokens, "position_ids": positions, "cache_position": slots,
+                 "attention_mask": valid[:, :seen], "key_position_ids": key_positions[:, :seen]}
+        for name in input_names(self.config)[: -len(self.past_names)]:
+            binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name].numpy()))
+        binding.bind_output("logits", "cpu")  # first bound, so first in get_outputs()
+        for past, present, value in zip(self.past_names, self.present_names, cache.values):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)  # in place: present is past with the new slots written
+        self.session.run_with_iobinding(binding)
+        cache.valid, cache.positions, cache._lengths = valid, key_positions, lengths
+        return torch.from_numpy(binding.get_outputs()[0].numpy())
+
+    def forward_full(self, tokens, positions, token_mask=None):
+        """Every token at once into an empty cache of exactly that size: the same graph with no past."""
+        return self.forward(self.new_cache(tokens.shape[0], tokens.shape[1]), tokens, positions, token_mask)
