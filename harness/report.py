@@ -61,20 +61,27 @@ def records_frame(records: list[Record]) -> pd.DataFrame:
 OUTCOME_MARKS = {"passed": "pass", "failed": "FAIL", "skipped": "n/a", "xfailed": "xfail", "xpassed": "XPASS"}
 
 
-def outcome_matrix(frame: pd.DataFrame) -> Table:
-    """Exactness outcomes: a row per backend/strategy/parameters, a column per test function."""
+def outcome_matrices(frame: pd.DataFrame) -> list[Table]:
+    """Exactness outcomes, one table per set of parameters: a row per backend/strategy/parameters, a column per
+    test function, so tests parametrized alike share a table."""
     frame = frame.copy()
-    key_columns = [c for c in ["backend", "model", "quant", "attention"] if c in frame]
-    key_columns += sorted(c for c in frame if c.startswith("param.") and frame[c].notna().any())
-    frame[key_columns] = frame[key_columns].astype(object).fillna("")
     frame["mark"] = frame["outcome"].map(OUTCOME_MARKS).fillna(frame["outcome"])
-    matrix = frame.pivot_table(index=key_columns, columns="function", values="mark", aggfunc="first", fill_value="")
-    matrix = matrix.reset_index().rename(columns=lambda c: c.removeprefix("param."))
-    matrix.columns.name = None
-    reasons = frame["reason"] if "reason" in frame else pd.Series(dtype=object)  # dropped when no test skipped
-    skipped = reasons[frame["outcome"] == "skipped"].dropna().unique()
-    notes = ["n/a: " + reason for reason in sorted(skipped)[:10]]
-    return Table("Exactness outcomes", matrix, notes)
+    param_columns = [c for c in frame if c.startswith("param.")]
+    frame["signature"] = frame[param_columns].notna().apply(
+        lambda row: tuple(c for c, present in row.items() if present), axis=1) if param_columns else [()] * len(frame)
+    tables = []
+    for signature, group in frame.groupby("signature", sort=True):
+        key_columns = [c for c in ["backend", "model", "quant", "attention"] if c in group and group[c].notna().any()]
+        key_columns += sorted(signature)
+        group = group.copy()
+        group[key_columns] = group[key_columns].astype(object).fillna("")
+        matrix = group.pivot_table(index=key_columns, columns="function", values="mark", aggfunc="first", fill_value="")
+        matrix = matrix.reset_index().rename(columns=lambda c: c.removeprefix("param."))
+        matrix.columns.name = None
+        by = ", ".join(c.removeprefix("param.") for c in signature) or "strategy"
+        skipped = group[group["outcome"] == "skipped"]["reason"].dropna().unique()
+        tables.append(Table(f"Exactness outcomes by {by}", matrix, ["n/a: " + r for r in sorted(skipped)[:10]]))
+    return tables
 
 
 def suite_tables(suite: str, frame: pd.DataFrame, results_dir: Path) -> list[Table]:
@@ -83,7 +90,7 @@ def suite_tables(suite: str, frame: pd.DataFrame, results_dir: Path) -> list[Tab
     out = []
     checks = frame[frame["tier"] == "exactness"]
     if len(checks):
-        out.append(outcome_matrix(checks.dropna(axis=1, how="all")))
+        out.extend(outcome_matrices(checks.dropna(axis=1, how="all")))
     for fn in _TABLES.get(suite, []):
         out.extend(fn(frame, results_dir))
     return out
