@@ -70,6 +70,7 @@ def self_draft_strategy(backend) -> Strategy:
 
 
 def make_drafter(source: str, backend, checkpoint: Checkpoint, load_runner) -> Drafter:
+    """The named draft source for this backend's target `checkpoint`."""
     if source == "target":
         return ModelDraft(load_runner(checkpoint, Strategy()))
     if source == "random":
@@ -81,6 +82,12 @@ def make_drafter(source: str, backend, checkpoint: Checkpoint, load_runner) -> D
     if source == "prompt-lookup":
         return PromptLookupDraft(checkpoint.config.vocab_size)
     raise ValueError(f"unknown draft source {source!r}; accepted: {', '.join(GREEDY_DRAFTS)}")
+
+
+def record_draft(record, drafter: Drafter) -> None:
+    """The draft model and strategy as record parameters (the record's own model is the target's)."""
+    if isinstance(drafter, ModelDraft):
+        record.params(draft_model=drafter.runner.checkpoint.name, draft_quant=drafter.runner.strategy.id)
 
 
 def prompts_for(config: ModelConfig) -> list[list[int]]:
@@ -115,6 +122,7 @@ def assert_same_tokens(result, expected: Generation) -> None:
 def test_greedy_matches_target(backend, checkpoint, load_runner, record, draft, k):
     drafter = make_drafter(draft, backend, checkpoint, load_runner)
     target = load_runner(checkpoint, Strategy())  # loaded last: the record names the target's model and strategy
+    record_draft(record, drafter)
     prompts = prompts_for(checkpoint.config)
     result = SpeculativeDecoder(target, drafter, k).generate(prompts, GREEDY_TOKENS)
     stats = result.stats
@@ -416,6 +424,7 @@ def test_speedup(backend, checkpoint, load_runner, record, benchmark, draft, k):
     verify_cost is one verification forward (k+1 tokens, plus the sampler) in the same unit."""
     drafter = make_drafter(draft, backend, checkpoint, load_runner)
     target = load_runner(checkpoint, Strategy())
+    record_draft(record, drafter)
     decoder = SpeculativeDecoder(target, drafter, k)
     prompt = [bench_prompt(checkpoint)]
     target_times, speculative_times, alone = [], [], []
