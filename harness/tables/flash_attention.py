@@ -1,0 +1,122 @@
+"""Tables and plot of the flash attention suite: error ratios against the rule, time and peak memory against N."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from harness.report import Table, table
+
+RULE_K = 2  # the oracle rule the suite asserts: error <= 2 x the plain path's error
+FIT_FROM = 1024  # fit growth on N >= this: every flash tile is full size there, so the constant is constant
+PLOT = "flash_attention.png"
+
+
+def growth_exponent(seq_lens: np.ndarray, values: np.ndarray) -> float:
+    """c of the least-squares fit value = a + b * N^c (c on a 0.01 grid in [0, 3], a and b by linear least
+    squares, residuals relative to the value): the growth without the fixed part, which a absorbs."""
+    n, y = np.asarray(seq_lens, float), np.asarray(values, float)
+    weight = 1.0 / np.maximum(np.abs(y), 1.0)
+    best_c, best_residual = float("nan"), float("inf")
+    for c in np.arange(0.0, 3.0 + 1e-9, 0.01):
+        design = np.stack([np.ones_like(n), n**c], axis=1) * weight[:, None]
+        coef, *_ = np.linalg.lstsq(design, y * weight, rcond=None)
+        residual = float(((design @ coef - y * weight) ** 2).sum())
+        if coef[1] >= 0 and residual < best_residual:
+            best_c, best_residual = float(c), residual
+    return best_c
+
+
+def _keys(frame: pd.DataFrame, keys: list[str]) -> list[str]:
+    """Keys present in the frame; the machine only when records from several machines are merged."""
+    present = [k for k in keys if k in frame]
+    return (["machine"] if frame["machine"].nunique() > 1 else []) + present
+
+
+@table("flash_attention")
+def error_ratios(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
+    if "metric.error_ratio" not in frame:
+        return []
+    checks = frame[(frame["tier"] == "exactness") & frame["metric.error_ratio"].notna()].copy()
+    kernel_level = checks["function"] != "test_model_logits_match_naive"
+    checks["level"] = np.where(kernel_level, "kernel", "model")
+    # the kernel tests name their precision; the model test runs under a quantization strategy
+    checks["precision"] = checks.get("param.dtype", pd.Series(index=checks.index, dtype=object))
+    if "quant" in checks:
+        checks["precision"] = checks["precision"].fillna(checks["quant"])
+    checks["attention"] = checks["attention"].fillna("flash (tiles)") if "attention" in checks else "flash (tiles)"
+    checks["backend"] = checks["backend"].fillna("torch-kernel")
+    keys = _keys(checks, ["backend", "attention", "level", "precision"])
+    summary = checks.groupby(keys, sort=True).agg(
+        cases=("metric.error_ratio", "size"),
+        max_ratio=("metric.error_ratio", "max"),
+        median_ratio=("metric.error_ratio", "median"),
+        failed=("outcome", lambda o: int((o == "failed").sum())),
+    ).reset_index()
+    notes = [f"ratio = max error vs the fp64 reference / the plain path's max error; the rule is ratio <= {RULE_K}.",
+             "Plain path: the plain formula in the same precision (kernel level), attention=naive (model level).",
+             "fp32 plain errors are floored at one fp32 ulp of the output magnitude (an exact plain path is no "
+             "yardstick); bf16 and fp16 have no floor. 'flash (tiles)' is the torch flash kernel at tile sizes "
+             "16 to 256 (test_flash_block_sizes)."]
+    return [Table("Error ratios against the rule", summary, notes)]
+
+
+@table("flash_attention")
+def time_and_memory(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
+    needed = {"metric.extra_peak_bytes", "metric.median_s", "param.seq_len", "param.batch"}
+    if not needed <= set(frame):
+        return []
+    bench = frame[(frame["tier"] == "bench") & (frame["outcome"] == "passed")].copy()
+    bench = bench.rename(columns={"param.seq_len": "N", "param.batch": "batch"})
+    bench["ms"] = bench["metric.median_s"] * 1e3
+    bench["MiB"] = bench["metric.extra_peak_bytes"] / 2**20
+    keys = _keys(bench, ["backend", "batch", "N"])
+    wide = bench.pivot_table(index=keys, columns="attention", values=["ms", "MiB"], aggfunc="first")
+    columns = {}
+    for attention in sorted(bench["attention"].unique()):
+        columns[f"{attention} ms"] = wide[("ms", attention)]
+        if "naive" in bench["attention"].values and attention != "naive":
+            columns[f"{attention} speed vs naive"] = wide[("ms", "naive")] / wide[("ms", attention)]
+        columns[f"{attention} MiB"] = wide[("MiB", attention)]
+    result = pd.DataFrame(columns).reset_index()
+
+    fits = []
+    for group, rows in bench[bench["N"] >= FIT_FROM].groupby(_keys(bench, ["backend", "attention", "batch"])):
+        if rows["N"].nunique() >= 3:
+            label = ", ".join(str(g) for g in (group if isinstance(group, tuple) else (group,)))
+            fits.append(f"{label}: extra memory ~ N^{growth_exponent(rows['N'], rows['metric.extra_peak_bytes']):.2f}")
+    first = bench.iloc[0]
+    notes = [f"Causal prefill, fp32, {first.get('param.heads')} heads of dim {first.get('param.head_dim')}, "
+             f"{first.get('param.threads')} thread(s). ms: median of repeats after warm-up (pytest-benchmark); "
+             "speed vs naive: naive's median / this one's, same run. MiB: peak resident memory above the inputs, "
+             "in a fresh spawned child (VmHWM after a reset, harness/memory.py).",
+             f"Growth exponents, fitted as a + b*N^c on N >= {FIT_FROM} (a absorbs what does not grow with N): "
+             + "; ".join(fits) + "."]
+    _plot(bench, results_dir / PLOT)
+    return [Table("Time and peak extra memory against N", result, notes, plot=PLOT)]
+
+
+def _plot(bench: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (memory, time) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for (backend, attention, batch), rows in bench.groupby(["backend", "attention", "batch"]):
+        rows = rows.sort_values("N")
+        style = dict(marker="o", linestyle="-" if batch == 1 else "--", label=f"{backend} {attention} batch {batch}")
+        memory.plot(rows["N"], rows["MiB"].clip(lower=1e-2), **style)
+        time.plot(rows["N"], rows["ms"], **style)
+    for axis, label in ((memory, "peak extra memory (MiB)"), (time, "median time (ms)")):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("sequence length N")
+        axis.set_ylabel(label)
+        axis.grid(True, which="both", alpha=0.3)
+    time.legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
