@@ -50,6 +50,7 @@ class ModelConfig:
     mlp: str = "swiglu"  # or "gelu"
     tie_embeddings: bool = False
     qkv_bias: bool = False
+    out_bias: bool = False  # a bias on the attention output projection (GPT-2; Llama with attention_bias)
     head_dim_override: int | None = None
 
     def __post_init__(self):
@@ -114,7 +115,7 @@ def to_hf_config(config: ModelConfig) -> dict:
         "rms_norm_eps": config.norm_eps,
         "hidden_act": "silu",
         "tie_word_embeddings": config.tie_embeddings,
-        "attention_bias": config.qkv_bias,
+        "attention_bias": config.qkv_bias,  # Llama's attention_bias puts a bias on q, k, v and o alike
         "head_dim": config.head_dim,
         "torch_dtype": "float32",
     }
@@ -123,29 +124,70 @@ def to_hf_config(config: ModelConfig) -> dict:
         hf["rope_scaling"] = {"rope_type": kind, "factor": config.rope_scaling.factor}
         if config.rope_scaling.original_max_position_embeddings is not None:
             hf["rope_scaling"]["original_max_position_embeddings"] = config.rope_scaling.original_max_position_embeddings
-    extras = {"position": config.position, "norm": config.norm, "mlp": config.mlp}
-    if extras != {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu"}:
+        if config.rope_scaling.kind == "yarn":
+            hf["rope_scaling"].update(beta_fast=config.rope_scaling.beta_fast, beta_slow=config.rope_scaling.beta_slow)
+    llama_layout = (config.position, config.norm, config.mlp) == ("rope", "rmsnorm", "swiglu")
+    if llama_layout and config.qkv_bias and not config.out_bias:  # Qwen2's layout: biases on q, k, v only
+        hf.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+        del hf["attention_bias"]
+    elif not llama_layout or config.out_bias != config.qkv_bias:
         hf["architectures"] = ["ExactbenchDecoder"]
         hf["model_type"] = "exactbench"
-        hf["exactbench"] = extras
+        hf["exactbench"] = {"position": config.position, "norm": config.norm, "mlp": config.mlp,
+                            "out_bias": config.out_bias}
     return hf
 
 
-def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel",
+                           "ExactbenchDecoder")
+# RoPE keys the reference model implements; any other (attention_factor, mscale, partial_rotary_factor, ...) is refused
+_ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow"}
+
+
+def hf_architecture(hf: dict, source: str = "config.json") -> str:
+    """The supported architecture a config.json names, or a one-line error naming the supported ones."""
     archs = hf.get("architectures") or []
-    supported = ("LlamaForCausalLM", "MistralForCausalLM", "ExactbenchDecoder")
-    if not any(a in supported for a in archs):
-        raise CheckpointError(f"{source}: unsupported architecture {archs}; supported: {', '.join(supported)}")
+    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    if arch is None:
+        raise CheckpointError(f"{source}: unsupported architecture {archs}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    return arch
+
+
+def _rope(hf: dict, source: str) -> tuple[float, RopeScaling | None]:
+    """rope_theta and scaling from transformers 5's rope_parameters or 4.x's rope_theta and rope_scaling."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    unknown = sorted(set(params) - _ROPE_KEYS)
+    if unknown:
+        raise CheckpointError(f"{source}: unsupported RoPE parameters {unknown}; supported: {', '.join(sorted(_ROPE_KEYS))}")
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind not in _HF_ROPE_KIND:
+        raise CheckpointError(f"{source}: unsupported rope_scaling type {kind!r}; supported: default, {', '.join(_HF_ROPE_KIND)}")
+    yarn_bounds = {k: float(params[k]) for k in ("beta_fast", "beta_slow") if params.get(k) is not None}
+    return theta, RopeScaling(_HF_ROPE_KIND[kind], float(params["factor"]), params.get("original_max_position_embeddings"),
+                              **yarn_bounds)
+
+
+def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
+    arch = hf_architecture(hf, source)
     try:
-        scaling = None
-        if hf.get("rope_scaling"):
-            rs = hf["rope_scaling"]
-            kind = rs.get("rope_type", rs.get("type"))
-            if kind not in _HF_ROPE_KIND:
-                raise CheckpointError(f"{source}: unsupported rope_scaling type {kind!r}; supported: {', '.join(_HF_ROPE_KIND)}")
-            scaling = RopeScaling(_HF_ROPE_KIND[kind], float(rs["factor"]), rs.get("original_max_position_embeddings"))
+        if arch == "GPT2LMHeadModel":
+            from .hf_gpt2 import gpt2_config
+
+            return gpt2_config(hf, source)
+        if hf.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"{source}: hidden_act {hf['hidden_act']!r} unsupported; supported: silu")
+        if hf.get("mlp_bias"):
+            raise CheckpointError(f"{source}: mlp_bias=true unsupported; supported: false")
+        window = hf.get("sliding_window") if hf.get("use_sliding_window", arch != "Qwen2ForCausalLM") else None
+        if window is not None and window < hf.get("max_position_embeddings", 2048):
+            raise CheckpointError(f"{source}: sliding_window={window} unsupported (full causal attention only)")
+        theta, scaling = _rope(hf, source)
         n_heads = hf["num_attention_heads"]
         extras = hf.get("exactbench", {})
+        qkv_bias = arch == "Qwen2ForCausalLM" or hf.get("attention_bias", False)
         return ModelConfig(
             vocab_size=hf["vocab_size"],
             d_model=hf["hidden_size"],
@@ -154,11 +196,12 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
             n_kv_heads=hf.get("num_key_value_heads") or n_heads,
             d_ff=hf["intermediate_size"],
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            rope_theta=hf.get("rope_theta", 10000.0),
+            rope_theta=theta,
             rope_scaling=scaling,
             norm_eps=hf.get("rms_norm_eps", 1e-5),
             tie_embeddings=hf.get("tie_word_embeddings", False),
-            qkv_bias=hf.get("attention_bias", False),
+            qkv_bias=qkv_bias,
+            out_bias=extras.get("out_bias", qkv_bias and arch != "Qwen2ForCausalLM"),
             head_dim_override=hf.get("head_dim") if hf.get("head_dim") != hf["hidden_size"] // n_heads else None,
             position=extras.get("position", "rope"),
             norm=extras.get("norm", "rmsnorm"),
@@ -209,6 +252,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{config_file}: not valid JSON ({error.msg} at line {error.lineno})") from None
     config = from_hf_config(hf, str(config_file))
+    tokenizer_file = directory / TOKENIZER_FILE
+    if tokenizer_file.is_file():
+        check_tokenizer(tokenizer_file, config)
     shards = sorted(directory.glob("*.safetensors"))
     if not shards:
         pickles = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
@@ -220,4 +266,25 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             weights.update(load_file(str(shard)))
         except (SafetensorError, OSError) as error:
             raise CheckpointError(f"{shard}: unreadable safetensors file ({error})") from None
+    if hf_architecture(hf, str(config_file)) == "GPT2LMHeadModel":
+        from .hf_gpt2 import gpt2_weights
+
+        weights = gpt2_weights(weights, config, str(directory))
     return Checkpoint(directory.name, config, weights, directory)
+
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def check_tokenizer(path: Path, config: ModelConfig):
+    """The `tokenizers` Tokenizer in `path`, refused when any of its ids falls outside the model's vocabulary."""
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as error:  # tokenizers raises a bare Exception for malformed files
+        raise CheckpointError(f"{path}: unreadable tokenizer ({str(error).splitlines()[0]})") from None
+    largest = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+    if largest >= config.vocab_size:
+        raise CheckpointError(f"{path}: token id {largest} does not fit the model's vocab_size {config.vocab_size} (config.json)")
+    return tokenizer

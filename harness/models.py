@@ -14,6 +14,9 @@ TINY_RANDOM = ModelConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_
                           max_position_embeddings=1024)
 
 NAMED_MODELS = {"tiny-random": TINY_RANDOM}
+# The trained models committed to the repository (python -m harness train; see harness/training.py).
+MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+EMBEDDED_MODELS = {"default-target": MODELS_DIR / "default-target", "default-draft": MODELS_DIR / "default-draft"}
 DEFAULT_MODEL = "tiny-random"
 
 
@@ -53,8 +56,10 @@ def resolve_model(name_or_path: str) -> Checkpoint:
     """A named built-in model, or a local Hugging Face-format directory."""
     if name_or_path in NAMED_MODELS:
         return random_checkpoint(NAMED_MODELS[name_or_path], seed=0, name=name_or_path)
+    if name_or_path in EMBEDDED_MODELS:
+        return load_checkpoint(EMBEDDED_MODELS[name_or_path])
     if Path(name_or_path).exists():
         return load_checkpoint(name_or_path)
     raise CheckpointError(
-        f"unknown model {name_or_path!r}: not a built-in ({', '.join(NAMED_MODELS)}) nor an existing directory"
+        f"unknown model {name_or_path!r}: not a built-in ({', '.join([*NAMED_MODELS, *EMBEDDED_MODELS])}) nor an existing directory"
     )

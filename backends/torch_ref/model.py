@@ -200,7 +200,7 @@ class SelfAttention(nn.Module):
         self.q_proj = nn.Linear(config.d_model, config.n_heads * hd, bias=config.qkv_bias)
         self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * hd, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * hd, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.n_heads * hd, config.d_model, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * hd, config.d_model, bias=config.out_bias)
         if config.position == "alibi":
             self.register_buffer("slopes", alibi_slopes(config.n_heads), persistent=False)
 
