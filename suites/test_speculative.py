@@ -359,20 +359,25 @@ def sequence_counts(rows: list[list[int]], vocab: int, n: int) -> torch.Tensor:
 
 
 @pytest.mark.exactness
-def test_sampling_matches_target_distribution(backend, load_runner, record):
-    """Speculative sampling (a different random draft, k=2, 4 new tokens, every row accepting on its own) and
-    plain sampling from the target both follow the target's exact joint distribution of 5^4 continuations."""
-    draft = load_runner(tiny_vocab_checkpoint(1), Strategy())
+@pytest.mark.parametrize("draft", ["random-model", "prompt-lookup"])
+def test_sampling_matches_target_distribution(backend, load_runner, record, draft):
+    """Speculative sampling (k=2, 4 new tokens, every row accepting on its own) and plain sampling from the target
+    both follow the target's exact joint distribution of the 5^4 continuations. Drafts: another random model
+    (q a full distribution), and prompt lookup (q one-hot, and rounds with nothing to propose)."""
+    drafter = ModelDraft(load_runner(tiny_vocab_checkpoint(1), Strategy())) if draft == "random-model" \
+        else PromptLookupDraft(TINY_VOCAB.vocab_size)
     target = load_runner(tiny_vocab_checkpoint(0), Strategy())
     exact = exact_sequence_probabilities(target, E2E_PROMPT, E2E_NEW)
     prompts = [E2E_PROMPT] * E2E_DRAWS
-    speculative = SpeculativeDecoder(target, ModelDraft(draft), E2E_K, SAMPLING).generate(prompts, E2E_NEW, seed=0)
+    speculative = SpeculativeDecoder(target, drafter, E2E_K, SAMPLING).generate(prompts, E2E_NEW, seed=0)
     plain = generate(target, prompts, E2E_NEW, SAMPLING, seed=0)
     stats = speculative.stats
     assert stats.rejections > 0 and stats.full_rounds > 0, "need both rejections and full acceptance"
-    pvalue_spec = assert_distribution(sequence_counts(speculative.tokens, 5, E2E_NEW), exact, ALPHA,
+    vocab = TINY_VOCAB.vocab_size
+    pvalue_spec = assert_distribution(sequence_counts(speculative.tokens, vocab, E2E_NEW), exact, ALPHA,
                                       what="speculative sampling")
-    pvalue_plain = assert_distribution(sequence_counts(plain.tokens, 5, E2E_NEW), exact, ALPHA, what="plain sampling")
+    pvalue_plain = assert_distribution(sequence_counts(plain.tokens, vocab, E2E_NEW), exact, ALPHA,
+                                       what="plain sampling")
     record(draws=E2E_DRAWS, min_pvalue=min(pvalue_spec, pvalue_plain), pvalue_speculative=pvalue_spec,
            pvalue_plain=pvalue_plain, acceptance_rate=stats.acceptance_rate)
 
