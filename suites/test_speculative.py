@@ -453,7 +453,8 @@ def test_speedup(backend, checkpoint, load_runner, record, benchmark, draft, k):
     target_step = target_s / BENCH_TOKENS
     c = stats.draft_s / stats.drafted / target_step if stats.drafted else 0.0
     acceptance = stats.acceptance_rate if stats.judged else 0.0
-    record.params(draft=draft, k=k, new_tokens=BENCH_TOKENS, prompt_tokens=len(prompt[0]))
+    record.params(draft=draft, k=k, new_tokens=BENCH_TOKENS, prompt_tokens=len(prompt[0]),
+                  threads=torch.get_num_threads())
     record(acceptance_rate=acceptance, tokens_per_target_call=stats.tokens_per_target_call,
            tokens_per_s=BENCH_TOKENS / speculative_s, target_tokens_per_s=BENCH_TOKENS / target_s,
            speedup=target_s / speculative_s, c=c, verify_cost=stats.target_s / stats.target_calls / target_step,
