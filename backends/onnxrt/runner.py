@@ -119,8 +119,9 @@ class OrtRunner(ModelRunner):
     def new_cache(self, batch_size: int, capacity: int) -> OrtKVCache:
         cfg = self.config
         shape = (batch_size, cfg.n_kv_heads, capacity, cfg.head_dim)
-        # zero-filled once: a never-written slot is masked, but 0 x NaN would still reach the output
-        values = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.cache_dtype), self.device, 0)
+        # zero-filled once: a never-written slot is masked, but 0 x NaN would still reach the output. np.full
+        # writes every page now (np.zeros would leave the kernel to zero them inside the first forward).
+        values = [ort.OrtValue.ortvalue_from_numpy(np.full(shape, 0, self.cache_dtype), self.device, 0)
                   for _ in self.past_names]
         return OrtKVCache(self, values, batch_size, capacity)
 
@@ -132,28 +133,35 @@ class OrtRunner(ModelRunner):
                              f"(batch={cache.lengths.shape[0]}, T)")
         mask = torch.ones_like(tokens, dtype=torch.bool) if token_mask is None else token_mask.cpu().bool()
         tokens, positions = tokens.cpu().long(), positions.cpu().long()
+        outside = (tokens < 0) | (tokens >= self.config.vocab_size)
+        if bool(outside.any()):
+            raise ValueError(f"token id {int(tokens[outside][0])} is outside the vocabulary: accepted "
+                             f"[0, {self.config.vocab_size})")
         n_new = tokens.shape[1]
         cache.check_room(n_new)
-        # the slots this call fills, as TorchKVCache.begin; committed to the cache only once the run succeeds
+        # the slots this call fills, as TorchKVCache.begin; the lengths advance only once the run succeeds
         slots = cache.lengths[:, None] + torch.arange(n_new)  # (B, T)
         rows = torch.arange(tokens.shape[0])[:, None]
-        valid, key_positions = cache.valid.clone(), cache.positions.clone()
-        valid[rows, slots] = mask
-        key_positions[rows, slots] = positions
+        cache.valid[rows, slots] = mask
+        cache.positions[rows, slots] = positions
         lengths = cache.lengths + n_new
         seen = int(lengths.max()) if lengths.numel() else 0
 
         binding = self.session.io_binding()
         feeds = {"input_ids": tokens, "position_ids": positions, "cache_position": slots,
-                 "attention_mask": valid[:, :seen], "key_position_ids": key_positions[:, :seen]}
+                 "attention_mask": cache.valid[:, :seen], "key_position_ids": cache.positions[:, :seen]}
         for name in input_names(self.config)[: -len(self.past_names)]:
             binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name].numpy()))
         binding.bind_output("logits", "cpu")  # first bound, so first in get_outputs()
         for past, present, value in zip(self.past_names, self.present_names, cache.values):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)  # in place: present is past with the new slots written
-        self.session.run_with_iobinding(binding)
-        cache.valid, cache.positions, cache._lengths = valid, key_positions, lengths
+        try:
+            self.session.run_with_iobinding(binding)
+        except BaseException:
+            cache.valid[rows, slots] = False  # slots past a row's length are invalid, as truncate leaves them
+            raise
+        cache._lengths = lengths
         return torch.from_numpy(binding.get_outputs()[0].numpy())
 
     def forward_full(self, tokens, positions, token_mask=None):
