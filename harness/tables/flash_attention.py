@@ -11,9 +11,10 @@ from harness.report import Table, table
 RULE_K = 2  # the oracle rule the suite asserts: error <= 2 x the plain path's error
 FIT_FROM = 1024  # fit growth on N >= this: every flash tile is full size there, so the constant is constant
 PLOT = "flash_attention.png"
+TILES_ROW = "flash, tiles 16-256"
 
 
-def growth_exponent(seq_lens: np.ndarray, values: np.ndarray) -> float:
+def growth_exponent_beyond_constant(seq_lens: np.ndarray, values: np.ndarray) -> float:
     """c of the least-squares fit value = a + b * N^c (c on a 0.01 grid in [0, 3], a and b by linear least
     squares, residuals relative to the value): the growth without the fixed part, which a absorbs."""
     n, y = np.asarray(seq_lens, float), np.asarray(values, float)
@@ -42,11 +43,10 @@ def error_ratios(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
     kernel_level = checks["function"] != "test_model_logits_match_naive"
     checks["level"] = np.where(kernel_level, "kernel", "model")
     # the kernel tests name their precision; the model test runs under a quantization strategy
-    checks["precision"] = checks.get("param.dtype", pd.Series(index=checks.index, dtype=object))
-    if "quant" in checks:
-        checks["precision"] = checks["precision"].fillna(checks["quant"])
-    checks["attention"] = checks["attention"].fillna("flash (tiles)") if "attention" in checks else "flash (tiles)"
-    checks["backend"] = checks["backend"].fillna("torch-kernel")
+    checks["precision"] = checks["param.dtype"].fillna(checks["quant"]) if "quant" in checks else checks["param.dtype"]
+    # test_flash_block_sizes runs the torch flash kernel itself, at tile sizes 16 to 256
+    checks["attention"] = checks["attention"].fillna(TILES_ROW) if "attention" in checks else TILES_ROW
+    checks["backend"] = checks["backend"].fillna("torch")
     keys = _keys(checks, ["backend", "attention", "level", "precision"])
     summary = checks.groupby(keys, sort=True).agg(
         cases=("metric.error_ratio", "size"),
@@ -57,8 +57,8 @@ def error_ratios(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
     notes = [f"ratio = max error vs the fp64 reference / the plain path's max error; the rule is ratio <= {RULE_K}.",
              "Plain path: the plain formula in the same precision (kernel level), attention=naive (model level).",
              "fp32 plain errors are floored at one fp32 ulp of the output magnitude (an exact plain path is no "
-             "yardstick); bf16 and fp16 have no floor. 'flash (tiles)' is the torch flash kernel at tile sizes "
-             "16 to 256 (test_flash_block_sizes)."]
+             f"yardstick); bf16 and fp16 have no floor. '{TILES_ROW}': the torch flash kernel at every tile size "
+             "of test_flash_block_sizes."]
     return [Table("Error ratios against the rule", summary, notes)]
 
 
@@ -68,7 +68,7 @@ def time_and_memory(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
     if not needed <= set(frame):
         return []
     bench = frame[(frame["tier"] == "bench") & (frame["outcome"] == "passed")].copy()
-    bench = bench.rename(columns={"param.seq_len": "N", "param.batch": "batch"})
+    bench = bench.rename(columns={"param.seq_len": "N", "param.batch": "batch"}).astype({"N": int, "batch": int})
     bench["ms"] = bench["metric.median_s"] * 1e3
     bench["MiB"] = bench["metric.extra_peak_bytes"] / 2**20
     keys = _keys(bench, ["backend", "batch", "N"])
@@ -84,15 +84,18 @@ def time_and_memory(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
     fits = []
     for group, rows in bench[bench["N"] >= FIT_FROM].groupby(_keys(bench, ["backend", "attention", "batch"])):
         if rows["N"].nunique() >= 3:
-            label = ", ".join(str(g) for g in (group if isinstance(group, tuple) else (group,)))
-            fits.append(f"{label}: extra memory ~ N^{growth_exponent(rows['N'], rows['metric.extra_peak_bytes']):.2f}")
+            *names, batch = group
+            exponent = growth_exponent_beyond_constant(rows["N"], rows["metric.extra_peak_bytes"])
+            fits.append(f"{' '.join(map(str, names))} batch {batch}: N^{exponent:.2f}")
     first = bench.iloc[0]
-    notes = [f"Causal prefill, fp32, {first.get('param.heads')} heads of dim {first.get('param.head_dim')}, "
-             f"{first.get('param.threads')} thread(s). ms: median of repeats after warm-up (pytest-benchmark); "
+    notes = [f"Causal prefill, fp32, {first['param.heads']:.0f} heads of dim {first['param.head_dim']:.0f}, "
+             f"{first['param.threads']:.0f} thread(s). ms: median of repeats after warm-up (pytest-benchmark); "
              "speed vs naive: naive's median / this one's, same run. MiB: peak resident memory above the inputs, "
              "in a fresh spawned child (VmHWM after a reset, harness/memory.py).",
-             f"Growth exponents, fitted as a + b*N^c on N >= {FIT_FROM} (a absorbs what does not grow with N): "
-             + "; ".join(fits) + "."]
+             f"Growth of the extra memory, fitted as a + b*N^c on N >= {FIT_FROM} (a absorbs what does not grow "
+             "with N): " + "; ".join(fits) + ".",
+             "sdpa's extra memory is close to 4*B*N^2 bytes: torch turns the boolean mask of the kernel contract "
+             "into a float mask."]
     _plot(bench, results_dir / PLOT)
     return [Table("Time and peak extra memory against N", result, notes, plot=PLOT)]
 
