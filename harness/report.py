@@ -79,7 +79,8 @@ def outcome_matrices(frame: pd.DataFrame) -> list[Table]:
         matrix = matrix.reset_index().rename(columns=lambda c: c.removeprefix("param."))
         matrix.columns.name = None
         by = ", ".join(c.removeprefix("param.") for c in signature) or "strategy"
-        skipped = group[group["outcome"] == "skipped"]["reason"].dropna().unique()
+        reasons = group.get("reason", pd.Series(index=group.index, dtype=object))  # absent when nothing skipped
+        skipped = reasons[group["outcome"] == "skipped"].dropna().unique()
         tables.append(Table(f"Exactness outcomes by {by}", matrix, ["n/a: " + r for r in sorted(skipped)[:10]]))
     return tables
 
