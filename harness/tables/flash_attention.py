@@ -6,27 +6,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from harness.plots import figure, growth_exponent
 from harness.report import Table, table
 
 RULE_K = 2  # the oracle rule the suite asserts: error <= 2 x the plain path's error
 FIT_FROM = 1024  # fit growth on N >= this: every flash tile is full size there, so the constant is constant
 PLOT = "flash_attention.png"
 TILES_ROW = "flash, tiles 16-256"
-
-
-def growth_exponent_beyond_constant(seq_lens: np.ndarray, values: np.ndarray) -> float:
-    """c of the least-squares fit value = a + b * N^c (c on a 0.01 grid in [0, 3], a and b by linear least
-    squares, residuals relative to the value): the growth without the fixed part, which a absorbs."""
-    n, y = np.asarray(seq_lens, float), np.asarray(values, float)
-    weight = 1.0 / np.maximum(np.abs(y), 1.0)
-    best_c, best_residual = float("nan"), float("inf")
-    for c in np.arange(0.0, 3.0 + 1e-9, 0.01):
-        design = np.stack([np.ones_like(n), n**c], axis=1) * weight[:, None]
-        coef, *_ = np.linalg.lstsq(design, y * weight, rcond=None)
-        residual = float(((design @ coef - y * weight) ** 2).sum())
-        if coef[1] >= 0 and residual < best_residual:
-            best_c, best_residual = float(c), residual
-    return best_c
 
 
 def _keys(frame: pd.DataFrame, keys: list[str]) -> list[str]:
@@ -85,7 +71,7 @@ def time_and_memory(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
     for group, rows in bench[bench["N"] >= FIT_FROM].groupby(_keys(bench, ["backend", "attention", "batch"])):
         if rows["N"].nunique() >= 3:
             *names, batch = group
-            exponent = growth_exponent_beyond_constant(rows["N"], rows["metric.extra_peak_bytes"])
+            exponent = growth_exponent(rows["N"], rows["metric.extra_peak_bytes"])
             fits.append(f"{' '.join(map(str, names))} batch {batch}: N^{exponent:.2f}")
     first = bench.iloc[0]
     notes = [f"Causal prefill, fp32, {first['param.heads']:.0f} heads of dim {first['param.head_dim']:.0f}, "
@@ -101,25 +87,16 @@ def time_and_memory(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
 
 
 def _plot(bench: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (memory, time) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for (backend, attention, batch), rows in bench.groupby(["backend", "attention", "batch"]):
-        rows = rows.sort_values("N")
-        style = dict(marker="o", linestyle="-" if batch == 1 else "--", label=f"{backend} {attention} batch {batch}")
-        memory.plot(rows["N"], rows["MiB"].clip(lower=1e-2), **style)
-        time.plot(rows["N"], rows["ms"], **style)
-    for axis, label in ((memory, "peak extra memory (MiB)"), (time, "median time (ms)")):
-        axis.set_xscale("log", base=2)
-        axis.set_yscale("log")
-        axis.set_xlabel("sequence length N")
-        axis.set_ylabel(label)
-        axis.grid(True, which="both", alpha=0.3)
-    time.legend(fontsize=7)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    with figure(path, ncols=2, figsize=(11, 4.2)) as (_, (memory, time)):
+        for (backend, attention, batch), rows in bench.groupby(["backend", "attention", "batch"]):
+            rows = rows.sort_values("N")
+            style = dict(marker="o", linestyle="-" if batch == 1 else "--", label=f"{backend} {attention} batch {batch}")
+            memory.plot(rows["N"], rows["MiB"].clip(lower=1e-2), **style)
+            time.plot(rows["N"], rows["ms"], **style)
+        for axis, label in ((memory, "peak extra memory (MiB)"), (time, "median time (ms)")):
+            axis.set_xscale("log", base=2)
+            axis.set_yscale("log")
+            axis.set_xlabel("sequence length N")
+            axis.set_ylabel(label)
+            axis.grid(True, which="both", alpha=0.3)
+        time.legend(fontsize=7)

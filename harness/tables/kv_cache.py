@@ -3,34 +3,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
+from harness.plots import figure, growth_exponent
 from harness.report import Table, table
 
 
-def growth_exponent(n: pd.Series, seconds: pd.Series) -> float:
-    """Slope of log(time) against log(N): 1 is linear growth, 2 quadratic."""
-    return float(np.polyfit(np.log(n.astype(float)), np.log(seconds.astype(float)), 1)[0])
-
-
 def _plot(curves: pd.DataFrame, title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for mode in ("cached", "recompute"):
-        ax.loglog(curves.index, curves[mode], marker="o", label=mode)
-    ax.set_xlabel("new tokens N")
-    ax.set_ylabel("total generation time (s, median)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path) as (_, ax):
+        for mode in ("cached", "recompute"):
+            ax.loglog(curves.index, curves[mode], marker="o", label=mode)
+        ax.set_xlabel("new tokens N")
+        ax.set_ylabel("total generation time (s, median)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
 
 
 @table("kv_cache")
@@ -54,8 +41,8 @@ def cache_vs_recompute(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
         })
         plot = f"kv_cache_vs_recompute_{backend}_{model}.png"
         _plot(curves, f"{backend}, {model}: greedy generation after a 16-token prompt", results_dir / plot)
-        notes = [f"Growth exponent of total time in N (log-log slope): cached {growth_exponent(curves.index.to_series(), curves['cached']):.2f}, "
-                 f"recompute {growth_exponent(curves.index.to_series(), curves['recompute']):.2f}.",
+        notes = [f"Growth exponent c of total time, fitted as a + b*N^c: cached {growth_exponent(curves.index, curves['cached']):.2f}, "
+                 f"recompute {growth_exponent(curves.index, curves['recompute']):.2f} (1: linear, 2: quadratic).",
                  "Medians of repeated runs after one warm-up, both modes measured in the same run "
                  "(`python -m harness run`, or `pytest suites/test_kv_cache.py -m bench`)."]
         tables.append(Table(f"Cache vs recompute: {backend}, {model}", rows, notes, plot))
