@@ -71,6 +71,13 @@ def test_token_ids_outside_the_vocabulary_are_named(runner_class):
     assert "token id 999" in one_line(error) and "[0, 256)" in str(error.value)
 
 
+def test_mismatched_shapes_are_named(runner_class):
+    runner = OnnxRuntimeBackend().load(small_checkpoint("rope", "gqa"), Strategy())
+    with pytest.raises(ValueError) as error:
+        runner.forward(runner.new_cache(1, 4), torch.tensor([[1, 2]]), torch.tensor([[0, 1, 2]]))
+    assert "tokens (1, 2), positions (1, 3)" in one_line(error)
+
+
 def test_missing_onnxruntime_is_a_named_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what `import onnxruntime` sees when not installed
     with pytest.raises(BackendUnavailable) as error:

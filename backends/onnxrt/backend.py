@@ -39,7 +39,7 @@ class OnnxRuntimeBackend(Backend):
             [f"quant:{q.value}" for q in QUANTS]
             + [f"attention:{Attention.NATIVE.value}"]  # ONNX Runtime runs the exported attention its own way
             + [f"position:{p}" for p in POSITIONS]
-            + ["kv-cache", "ragged-batch", "cache-rollback"]
+            + ["kv-cache", "ragged-batch", "cache-rollback", "onnx-export"]
         )
 
     def load(self, checkpoint: Checkpoint, strategy: Strategy) -> ModelRunner:
@@ -47,9 +47,7 @@ class OnnxRuntimeBackend(Backend):
         if missing:
             raise UnsupportedModel(f"backend {self.name!r} lacks {', '.join(missing)}")
         check_dependencies()
-        from .graph import check_exportable
         from .runner import OrtRunner
         from .store import model_file
 
-        check_exportable(checkpoint)
         return OrtRunner(checkpoint, strategy, model_file(checkpoint, strategy.quant).path)

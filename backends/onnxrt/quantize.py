@@ -14,7 +14,7 @@ import onnx
 
 from backends.strategies import Quant
 
-STRATEGIES = (Quant.FP32, Quant.FP16, Quant.INT8_DYNAMIC, Quant.INT4_BLOCK32, Quant.INT4_BLOCK128)
+from .backend import QUANTS
 INT4_BLOCKS = {Quant.INT4_BLOCK32: 32, Quant.INT4_BLOCK128: 128}
 INT4_ACCURACY_LEVEL = 4
 
@@ -40,4 +40,4 @@ def derive(quant: Quant, fp32_path: Path, out_path: Path) -> None:
         onnx.save(quantizer.model.model, str(out_path))
     else:
         raise ValueError(f"no ONNX derivation for strategy {quant.value!r}; accepted: "
-                         f"{', '.join(q.value for q in STRATEGIES if q != Quant.FP32)}")
+                         f"{', '.join(q.value for q in QUANTS if q != Quant.FP32)}")

@@ -2,7 +2,7 @@
 
 The cache keeps one preallocated OrtValue per layer and kind, (B, Hkv, capacity, D), zero-filled once. Each
 forward binds it with IO binding as both the past input and the present output, so ONNX Runtime scatters the
-new keys and values into it in place: nothing of the cache passes through numpy, or is copied, per step. The
+new keys and values into it in place: per step, no part of the cache is copied or read back into Python. The
 slot bookkeeping (which slots are valid, the position each holds, each row's length) follows
 backends/torch_ref/model.TorchKVCache, so the two backends honour the same cache semantics (base.py).
 """
@@ -19,9 +19,8 @@ from backends.base import KVCache, ModelRunner
 from backends.checkpoint import Checkpoint, ModelConfig
 from backends.strategies import Strategy
 
-from .graph import input_names, layer_names, output_names
+from .graph import CONFIG_METADATA, input_names, layer_names, output_names
 
-CONFIG_METADATA = "exactbench.config"  # the exporting model's ModelConfig, as JSON (see backend.stamp)
 ELEMENT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -64,7 +63,13 @@ def check_contract(session: ort.InferenceSession, config: ModelConfig, path: Pat
         raise OnnxModelError(f"{path}: logits have {outputs['logits'].shape[-1]} columns; the model's vocabulary "
                              f"is {config.vocab_size}")
     exported = session.get_modelmeta().custom_metadata_map.get(CONFIG_METADATA)
-    if exported is not None and ModelConfig.from_dict(json.loads(exported)) != config:
+    if exported is None:  # a file exported elsewhere: the names and shapes above are all there is to check
+        return
+    try:
+        same = ModelConfig.from_dict(json.loads(exported)) == config
+    except (TypeError, ValueError) as error:
+        raise OnnxModelError(f"{path}: unreadable {CONFIG_METADATA} metadata ({error})") from None
+    if not same:
         raise OnnxModelError(f"{path}: exported from another model configuration ({exported})")
 
 
@@ -128,10 +133,11 @@ class OrtRunner(ModelRunner):
     def forward(self, cache, tokens, positions, token_mask=None):
         if not isinstance(cache, OrtKVCache) or cache.owner is not self:
             raise TypeError(f"cache of type {type(cache).__name__} was not made by this runner")
-        if tokens.shape != positions.shape or tokens.dim() != 2 or tokens.shape[0] != cache.lengths.shape[0]:
-            raise ValueError(f"tokens {tuple(tokens.shape)} and positions {tuple(positions.shape)} must both be "
-                             f"(batch={cache.lengths.shape[0]}, T)")
         mask = torch.ones_like(tokens, dtype=torch.bool) if token_mask is None else token_mask.cpu().bool()
+        if not (tokens.dim() == 2 and tokens.shape[0] == cache.lengths.shape[0]
+                and tokens.shape == positions.shape == mask.shape):
+            raise ValueError(f"tokens {tuple(tokens.shape)}, positions {tuple(positions.shape)} and token_mask "
+                             f"{tuple(mask.shape)} must all be (batch={cache.lengths.shape[0]}, T)")
         tokens, positions = tokens.cpu().long(), positions.cpu().long()
         outside = (tokens < 0) | (tokens >= self.config.vocab_size)
         if bool(outside.any()):

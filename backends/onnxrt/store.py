@@ -28,7 +28,7 @@ import torch
 from backends.checkpoint import Checkpoint
 from backends.strategies import Quant
 
-from .graph import export_decoder, stamp
+from .graph import CONFIG_METADATA, export_decoder, stamp
 from .quantize import derive
 
 ENV_VAR = "EXACTBENCH_CACHE"
@@ -131,7 +131,7 @@ def model_key(checkpoint: Checkpoint, quant: Quant) -> dict[str, str]:
 def model_file(checkpoint: Checkpoint, quant: Quant, root: Path | None = None) -> Entry:
     """The .onnx file of `checkpoint` under `quant`: exported (fp32) or derived from the fp32 file, then cached."""
     key = model_key(checkpoint, quant)
-    metadata = {"exactbench.config": json.dumps(checkpoint.config.to_dict(), sort_keys=True),
+    metadata = {CONFIG_METADATA: json.dumps(checkpoint.config.to_dict(), sort_keys=True),
                 "exactbench.model": checkpoint.name, "exactbench.fingerprint": key["fingerprint"],
                 "exactbench.strategy": quant.value, "exactbench.format": FORMAT_VERSION,
                 "exactbench.contract": "decoder step with an in-place KV cache: see backends/onnxrt/graph.py"}
