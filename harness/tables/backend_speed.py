@@ -6,32 +6,25 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.plots import figure
 from harness.report import Table, table
 
 FUNCTION = "test_tokens_per_second"
 
 
 def _plot(ratios: pd.DataFrame, title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = [f"{b} {q}" for b, q in zip(ratios["backend"], ratios["strategy"])]
     columns = [c for c in ratios.columns if c not in ("backend", "strategy")]
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1.5))
     height = 0.8 / len(columns)
-    for index, column in enumerate(columns):
-        ax.barh([i + index * height for i in range(len(labels))], ratios[column], height=height, label=column)
-    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(labels))], labels, fontsize=8)
-    ax.axvline(1.0, color="grey", linewidth=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("tokens/s relative to torch fp32 (log scale)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, figsize=(7.0, 0.45 * len(labels) + 1.5)) as (_, ax):
+        for index, column in enumerate(columns):
+            ax.barh([i + index * height for i in range(len(labels))], ratios[column], height=height, label=column)
+        ax.set_yticks([i + 0.4 - height / 2 for i in range(len(labels))], labels, fontsize=8)
+        ax.axvline(1.0, color="grey", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("tokens/s relative to torch fp32 (log scale)")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
 
 
 @table("backend_speed")
