@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import onnx
@@ -17,6 +18,15 @@ from backends.strategies import Quant
 from .backend import QUANTS
 INT4_BLOCKS = {Quant.INT4_BLOCK32: 32, Quant.INT4_BLOCK128: 128}
 INT4_ACCURACY_LEVEL = 4
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 def derive(quant: Quant, fp32_path: Path, out_path: Path) -> None:
@@ -29,8 +39,14 @@ def derive(quant: Quant, fp32_path: Path, out_path: Path) -> None:
     elif quant == Quant.INT8_DYNAMIC:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(str(fp32_path), str(out_path), op_types_to_quantize=["MatMul"], per_channel=True,
-                         weight_type=QuantType.QUInt8)
+        # it advises shape-inference pre-processing, which changes nothing here: every weight is a MatMul initializer
+        advice = _DropMessage("Please consider to run pre-processing before quantization")
+        logging.getLogger().addFilter(advice)
+        try:
+            quantize_dynamic(str(fp32_path), str(out_path), op_types_to_quantize=["MatMul"], per_channel=True,
+                             weight_type=QuantType.QUInt8)
+        finally:
+            logging.getLogger().removeFilter(advice)
     elif quant in INT4_BLOCKS:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
