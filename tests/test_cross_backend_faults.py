@@ -3,8 +3,6 @@ from pathlib import Path
 
 import pytest
 
-from backends.registry import register, unregister
-
 # imported here, not first inside a pytester run: pytester drops the modules a run imported, and onnx's
 # extension module aborts the process when it is imported a second time
 for _module in ("onnxruntime", "onnx", "onnxruntime.quantization", "onnxruntime.transformers.float16"):
@@ -16,12 +14,9 @@ CONFIGS = "(rope-gqa or alibi-mqa or learned-mha)"  # three position encodings, 
 
 
 @pytest.fixture
-def planted_backends():
+def planted_backends(register_backend):
     for cls in PLANTED.values():
-        register(cls)
-    yield
-    for name in PLANTED:
-        unregister(name)
+        register_backend(cls)
 
 
 def run_suite(pytester, backend: str, selection: str, *quants: str):

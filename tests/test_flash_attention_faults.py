@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from backends.registry import register, unregister
 from backends.strategies import Attention
 from backends.torch_ref.attention import IMPLEMENTATIONS, FlashAttention
 from backends.torch_ref.backend import TorchBackend
@@ -75,13 +74,9 @@ def run_suite(pytester: pytest.Pytester, backend: str, selection: str, results: 
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
-def test_suite_catches_planted_fault(pytester: pytest.Pytester, tmp_path: Path, fault: str):
+def test_suite_catches_planted_fault(pytester: pytest.Pytester, tmp_path: Path, fault: str, register_backend):
     _, selection, expected = FAULTS[fault]
-    backend = register(faulty_backend(fault))
-    try:
-        run = run_suite(pytester, backend.name, selection, tmp_path)
-    finally:
-        unregister(backend.name)
+    run = run_suite(pytester, register_backend(faulty_backend(fault)), selection, tmp_path)
     passed, skipped, failed = run.listoutcomes()
     assert len(failed) == expected and not passed and not skipped, (
         f"{fault}: {len(failed)} failed, {len(passed)} passed, {len(skipped)} skipped of {expected} meant to fail")

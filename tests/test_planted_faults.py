@@ -3,20 +3,15 @@ from pathlib import Path
 
 import pytest
 
-from backends.registry import register, unregister
-
 from .planted_faults import PLANTED
 
 KV_SUITE = str(Path(__file__).resolve().parents[1] / "suites" / "test_kv_cache.py")
 
 
 @pytest.fixture
-def planted_backends():
+def planted_backends(register_backend):
     for cls in PLANTED.values():
-        register(cls)
-    yield
-    for name in PLANTED:
-        unregister(name)
+        register_backend(cls)
 
 
 def run_kv_suite(pytester, backend: str, selection: str):
