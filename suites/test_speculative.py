@@ -391,11 +391,11 @@ BENCH_ROUNDS = 5
 
 @cache
 def heldout_code_text() -> str:
-    """The first held-out standard-library module: real text the embedded models never trained on."""
+    """The first held-out standard-library module long enough for a prompt: text the embedded models never saw."""
     from harness import corpus
 
     _, heldout = corpus.split(corpus.documents())
-    return next(doc.text for doc in heldout if doc.name.endswith(".py"))
+    return next(doc.text for doc in heldout if doc.name.endswith(".py") and len(doc.text) >= 20 * BENCH_PROMPT_TOKENS)
 
 
 def bench_prompt(checkpoint: Checkpoint) -> list[int]:

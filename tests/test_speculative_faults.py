@@ -5,11 +5,9 @@ copy), runs a selection of suites/test_speculative.py in process, and asserts wh
 """
 from pathlib import Path
 
-import pytest
 import torch
 
 from backends import rejection_sampler, speculative
-from backends.registry import register, unregister
 
 from .planted_faults import PLANTED
 
@@ -21,13 +19,6 @@ GREEDY_SELECTION = "greedy_matches_target and (random or trained) and k1"
 def run_suite(pytester, selection: str, backend: str = "torch"):
     return pytester.runpytest_inprocess(SUITE, "-m", "exactness", "--backend", backend, "-k", selection,
                                         "-p", "no:randomly", "-q")
-
-
-@pytest.fixture
-def no_rollback_backend():
-    register(PLANTED["no-rollback"])
-    yield "no-rollback"
-    unregister("no-rollback")
 
 
 def test_reference_passes_the_same_selections(pytester):
@@ -55,9 +46,9 @@ def test_residual_not_renormalized_is_caught(pytester, monkeypatch):
                                         "FAILED *test_sampling_matches_target_distribution*prompt-lookup*"])
 
 
-def test_target_cache_not_rolled_back_is_caught(pytester, no_rollback_backend):
+def test_target_cache_not_rolled_back_is_caught(pytester, register_backend):
     """truncate() does nothing: rejected draft tokens stay in the target's (and the draft's) cache."""
-    result = run_suite(pytester, GREEDY_SELECTION, backend=no_rollback_backend)
+    result = run_suite(pytester, GREEDY_SELECTION, backend=register_backend(PLANTED["no-rollback"]))
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines(["*greedy tokens differ at step*"])
 
