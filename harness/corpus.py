@@ -57,7 +57,7 @@ def is_heldout(name: str) -> bool:
 
 
 def split(docs: list[Document]) -> tuple[list[Document], list[Document]]:
-    """(train, held-out), each in name order."""
+    """(train, held-out), each in the order given."""
     train = [doc for doc in docs if not is_heldout(doc.name)]
     heldout = [doc for doc in docs if is_heldout(doc.name)]
     return train, heldout

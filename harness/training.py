@@ -7,7 +7,7 @@
 
 Everything is seeded and the step counts are fixed, so a run is reproducible on the same Python
 (the corpus is its standard library) and torch. Training state is written every `--save-every`
-steps to `<out>/train-state.safetensors` (safetensors, never a pickle); `--resume` continues from it
+steps to `.cache/train/<out name>/train-state.safetensors` (safetensors, never a pickle); `--resume` continues from it
 and reaches the same weights as an uninterrupted run, because batch k is drawn from seed + k.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ VOCAB_SIZE = 4096
 CONTEXT = 256  # training window; also the models' max_position_embeddings
 TOKENIZER_FILE = "tokenizer.json"
 STATE_FILE = "train-state.safetensors"
+LOG_FILE = "training.log"
 
 # ~12M parameters: Llama-style (RMSNorm, RoPE, GQA 6 query heads over 2 KV heads, SwiGLU)
 TARGET = ModelConfig(vocab_size=VOCAB_SIZE, d_model=384, n_layers=6, n_heads=6, n_kv_heads=2, d_ff=1024,
@@ -59,7 +60,7 @@ class Schedule:
 
 
 TARGET_SCHEDULE = Schedule(steps=400, batch_size=16, lr=2e-3, warmup=30)
-DRAFT_SCHEDULE = Schedule(steps=800, batch_size=16, lr=3e-3, warmup=40)
+DRAFT_SCHEDULE = Schedule(steps=500, batch_size=16, lr=3e-3, warmup=40)
 
 
 # --- the tokenizer -------------------------------------------------------------------------------
@@ -171,6 +172,12 @@ def _load_state(path: Path, model: Transformer, optimizer: torch.optim.AdamW) ->
     return step
 
 
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) on next-token distributions (soft labels, temperature 1)."""
+    soft = F.log_softmax(teacher_logits, dim=-1)
+    return F.kl_div(F.log_softmax(student_logits, dim=-1), soft, log_target=True, reduction="none").sum(-1).mean()
+
+
 def train(
     config: ModelConfig,
     schedule: Schedule,
@@ -186,6 +193,7 @@ def train(
     torch.manual_seed(schedule.seed)
     model = new_model(config, schedule.seed)
     optimizer = _optimizer(model, schedule)
+    work_dir.mkdir(parents=True, exist_ok=True)
     state_path = work_dir / STATE_FILE
     start = _load_state(state_path, model, optimizer) if resume and state_path.exists() else 0
     model.train()
@@ -200,8 +208,8 @@ def train(
             loss = F.cross_entropy(logits.reshape(-1, config.vocab_size), targets.reshape(-1))
         else:
             with torch.no_grad():
-                soft = F.log_softmax(forward_logits(teacher, inputs).float(), dim=-1)
-            loss = F.kl_div(F.log_softmax(logits, dim=-1), soft, log_target=True, reduction="none").sum(-1).mean()
+                teacher_logits = forward_logits(teacher, inputs).float()
+            loss = distillation_loss(logits, teacher_logits)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -240,10 +248,10 @@ def main_train(argv: list[str]) -> int:
     parser.add_argument("--teacher", type=Path, help="draft only: the trained target directory (its tokenizer is reused)")
     parser.add_argument("--no-distill", action="store_true", help="draft only: train on hard next-token labels instead")
     parser.add_argument("--steps", type=int, help="override the schedule's step count (default: the fixed schedule)")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/train-state.safetensors")
+    parser.add_argument("--work-dir", type=Path, help="where training state is saved (default: .cache/train/<out name>)")
+    parser.add_argument("--resume", action="store_true", help=f"continue from <work-dir>/{STATE_FILE}")
     parser.add_argument("--save-every", type=int, default=100, help="steps between training-state saves (default 100)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
 
     if args.what == "tokenizer":
         save_tokenizer_files(train_tokenizer(), args.out)
@@ -260,11 +268,20 @@ def main_train(argv: list[str]) -> int:
     teacher = None
     if args.what == "draft" and not args.no_distill:
         teacher = build_model(load_checkpoint(args.teacher))
-    print(f"{args.what}: {sum(p.numel() for p in Transformer(config).parameters()):,} parameters, "
-          f"{len(stream):,} training tokens, {schedule}")
     args.out.mkdir(parents=True, exist_ok=True)
-    began = time.perf_counter()
-    model = train(config, schedule, stream, args.out, teacher, args.resume, args.save_every)
+    log_file = (args.out / LOG_FILE).open("a")
+
+    def log(line: str) -> None:  # the log is kept beside the model: the evidence of how it was made
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    log(f"python -m harness train {' '.join(argv)}")
+    log(f"{args.what}: {sum(p.numel() for p in Transformer(config).parameters()):,} parameters, "
+        f"{len(stream):,} training tokens, {schedule}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    began, cpu_began = time.perf_counter(), time.process_time()
+    work_dir = args.work_dir or Path(".cache/train") / args.out.name  # outside the model directory: never committed
+    model = train(config, schedule, stream, work_dir, teacher, args.resume, args.save_every, log)
     save_model(bf16_checkpoint(args.out.name, model), tokenizer, args.out)
-    print(f"wrote {args.out} in {time.perf_counter() - began:.0f}s")
+    log(f"wrote {args.out}: wall {time.perf_counter() - began:.0f}s, cpu {time.process_time() - cpu_began:.0f}s")
     return 0
