@@ -82,10 +82,11 @@ def sampler_statistics(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
     rows = pd.DataFrame({
         "check": checks["function"],
         "backend": checks["backend"].fillna("(none: tensors)"),
+        "draft": checks["param.draft"].fillna("(synthetic q)") if "param.draft" in checks else "(synthetic q)",
         "draws": checks["metric.draws"].astype(int),
         "smallest p-value": checks["metric.min_pvalue"],
         "outcome": checks["outcome"],
-    }).sort_values(["check", "backend"]).reset_index(drop=True)
+    }).sort_values(["check", "backend", "draft"]).reset_index(drop=True)
     notes = ["Chi-square goodness of fit at significance 1e-4 (cells expected fewer than 5 times pooled); "
              "a test fails when a p-value falls below 1e-4. Fixed seeds: the same p-values every run."]
     return [Table("Sampler statistics", rows, notes)]
