@@ -14,11 +14,12 @@ from .planted_faults import PLANTED
 SUITE = str(Path(__file__).resolve().parents[1] / "suites" / "test_speculative.py")
 SAMPLER_SELECTION = "sampler or sampling_matches_target"
 GREEDY_SELECTION = "greedy_matches_target and (random or trained) and k1"
+MODEL = "tiny-random"  # the outcomes asserted below are for this target, whatever the default model is
 
 
-def run_suite(pytester, selection: str, backend: str = "torch"):
-    return pytester.runpytest_inprocess(SUITE, "-m", "exactness", "--backend", backend, "-k", selection,
-                                        "-p", "no:randomly", "-q")
+def run_suite(pytester, selection: str, backend: str = "torch", model: str = MODEL):
+    return pytester.runpytest_inprocess(SUITE, "-m", "exactness", "--backend", backend, "--model", model,
+                                        "-k", selection, "-p", "no:randomly", "-q")
 
 
 def test_reference_passes_the_same_selections(pytester):
