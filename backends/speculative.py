@@ -145,6 +145,16 @@ class SpeculativeStats:
     target_s: float = 0.0
     accepted_counts: list[int] = field(default_factory=list)  # per row-round
 
+    def add_round(self, n_accepted: int, k: int) -> None:
+        """One row's round: n_accepted of k drafts accepted, then one more token from the target."""
+        self.accepted_counts.append(n_accepted)
+        self.emitted += n_accepted + 1
+        self.accepted += n_accepted
+        self.judged += min(n_accepted + 1, k)
+        self.drafted += k
+        self.full_rounds += int(n_accepted == k and k > 0)
+        self.rejections += int(n_accepted < k)
+
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.judged if self.judged else float("nan")
@@ -174,6 +184,8 @@ class SpeculativeDecoder:
     def generate(self, prompts: list[list[int]], max_new_tokens: int, seed: int = 0) -> SpeculativeGeneration:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("speculative decoding needs at least one prompt, each of at least one token")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
         generator = torch.Generator().manual_seed(seed)
         tokens, positions, mask = left_pad(prompts)
         batch, width = tokens.shape
@@ -216,13 +228,7 @@ class SpeculativeDecoder:
                 out_logits[b, done:done + min(n + 1, room)] = logits[b, :min(n + 1, room)]
                 out_tokens[b].extend(emitted[:room])
                 history[b].extend(emitted)
-                stats.accepted_counts.append(n)
-                stats.emitted += n + 1
-                stats.accepted += n
-                stats.judged += min(n + 1, k)
-                stats.drafted += k
-                stats.full_rounds += int(n == k and k > 0)
-                stats.rejections += int(n < k)
+                stats.add_round(n, k)
             stats.target_calls += 1
             pending = torch.where(active, next_token, pending)
             next_position = torch.where(active, next_position + 1 + n_accepted, next_position)

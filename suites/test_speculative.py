@@ -18,7 +18,7 @@ import torch
 
 from backends.base import ModelRunner, UnsupportedModel
 from backends.checkpoint import Checkpoint, ModelConfig
-from backends.generation import GREEDY, Generation, Sampling, generate
+from backends.generation import Generation, Sampling, generate
 from backends.registry import get_backend
 from backends.rejection_sampler import draw, one_hot, residual, verify
 from backends.speculative import Drafter, ModelDraft, PromptLookupDraft, SpeculativeDecoder

@@ -37,5 +37,7 @@ def test_bad_input_is_refused_with_the_value():
         SpeculativeDecoder(runner, PromptLookupDraft(512), 0)
     with pytest.raises(ValueError, match="each of at least one token"):
         SpeculativeDecoder(runner, PromptLookupDraft(512), 2).generate([[1, 2], []], 4)
+    with pytest.raises(ValueError, match="max_new_tokens must be 0 or more, got -1"):
+        SpeculativeDecoder(runner, PromptLookupDraft(512), 2).generate([[1, 2]], -1)
     with pytest.raises(ValueError, match="max_ngram must be at least 1, got 0"):
         PromptLookupDraft(512, max_ngram=0)
