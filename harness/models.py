@@ -16,7 +16,7 @@ TINY_RANDOM = ModelConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_
 NAMED_MODELS = {"tiny-random": TINY_RANDOM}
 # The trained models committed to the repository (python -m harness train; see harness/training.py).
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
-EMBEDDED_MODELS = {"default-target": MODELS_DIR / "default-target", "default-draft": MODELS_DIR / "default-draft"}
+EMBEDDED_MODELS = {name: MODELS_DIR / name for name in ("default-target", "default-draft", "default-draft-nodistill")}
 DEFAULT_MODEL = "tiny-random"
 
 
