@@ -9,7 +9,7 @@ import torch
 from backends.checkpoint import Checkpoint, CheckpointError, ModelConfig, RopeScaling, load_checkpoint
 from backends.torch_ref.model import Transformer, init_random_weights
 
-# A small seeded random Llama-style model: the default until trained models are embedded.
+# A small seeded random Llama-style model: fast unit tests of the harness itself.
 TINY_RANDOM = ModelConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=344,
                           max_position_embeddings=1024)
 
@@ -17,7 +17,7 @@ NAMED_MODELS = {"tiny-random": TINY_RANDOM}
 # The trained models committed to the repository (python -m harness train; see harness/training.py).
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 EMBEDDED_MODELS = {name: MODELS_DIR / name for name in ("default-target", "default-draft", "default-draft-nodistill")}
-DEFAULT_MODEL = "tiny-random"
+DEFAULT_MODEL = "default-target"
 
 
 # Small configurations for the exactness matrices: every position encoding x every attention kind.

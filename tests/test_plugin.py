@@ -4,6 +4,7 @@ import json
 import pytest
 
 from harness.__main__ import main as harness_main
+from harness.models import DEFAULT_MODEL
 
 SUITE = """
 import pytest
@@ -30,7 +31,7 @@ def test_help_lists_the_options_in_their_own_group_with_defaults(pytester):
     result = pytester.runpytest_inprocess("--help")
     result.stdout.fnmatch_lines(["exactbench: exactness and performance of LLM inference backends:"])
     text = result.stdout.str()
-    for option, default in [("--backend", "default: torch"), ("--model", "default: tiny-random"),
+    for option, default in [("--backend", "default: torch"), ("--model", f"default: {DEFAULT_MODEL}"),
                             ("--quant", "default: every one"), ("--attention", "default: every one"),
                             ("--results-dir", "default: results")]:
         assert option in text
