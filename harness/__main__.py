@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,15 +13,14 @@ MAIN_JOB_MARKERS = "exactness or bench"
 
 def run_main_job(results_dir: Path, pytest_args: list[str]) -> int:
     """The suites on the default model (every available backend), then the published tables."""
-    import pytest
-
     from backends.registry import available
 
     backend_args = [arg for name in available() for arg in ("--backend", name)]
-    status = pytest.main(["suites", "-m", MAIN_JOB_MARKERS, "--results-dir", str(results_dir), *backend_args,
-                          *pytest_args])
+    # a child process: pytest must import the plugin's modules itself (assertion rewriting, warnings as errors)
+    status = subprocess.run([sys.executable, "-m", "pytest", "suites", "-m", MAIN_JOB_MARKERS,
+                             "--results-dir", str(results_dir), *backend_args, *pytest_args]).returncode
     written = report(results_dir)
-    return int(status) or written
+    return status or written
 
 
 def report(results_dir: Path) -> int:
@@ -58,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         from .training import main_train
 
         return main_train(rest)
+    if args.command == "run":
+        return run_main_job(args.results_dir, args.pytest_args + rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command == "run":
-        return run_main_job(args.results_dir, args.pytest_args)
     return report(args.results_dir)
 
 
