@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.plots import figure
 from harness.report import Table, table
 
 SPEEDUP_COLUMNS = {
@@ -24,27 +25,19 @@ SPEEDUP_COLUMNS = {
 
 
 def _plot(rows: pd.DataFrame, title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for index, (draft, group) in enumerate(rows.groupby("draft", sort=True)):
-        color = f"C{index}"
-        ax.plot(group["k"], group["speedup"], marker="o", color=color, label=f"{draft} (measured)")
-        ax.plot(group["k"], group["predicted"], linestyle="--", color=color, label=f"{draft} (predicted)")
-        ax.plot(group["k"], group["predicted with v"], linestyle=":", color=color,
-                label=f"{draft} (predicted with v)")
-    ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.set_xlabel("draft tokens per round k")
-    ax.set_ylabel("speedup over the target alone")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, figsize=(6.5, 4)) as (_, ax):
+        for index, (draft, group) in enumerate(rows.groupby("draft", sort=True)):
+            color = f"C{index}"
+            ax.plot(group["k"], group["speedup"], marker="o", color=color, label=f"{draft} (measured)")
+            ax.plot(group["k"], group["predicted"], linestyle="--", color=color, label=f"{draft} (predicted)")
+            ax.plot(group["k"], group["predicted with v"], linestyle=":", color=color,
+                    label=f"{draft} (predicted with v)")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xlabel("draft tokens per round k")
+        ax.set_ylabel("speedup over the target alone")
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
 
 
 @table("speculative")
