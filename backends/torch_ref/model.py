@@ -137,6 +137,10 @@ class TorchKVCache(KVCache):
     def allocated_bytes(self) -> int:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
+    @property
+    def element_bytes(self) -> int:
+        return self.k.element_size()
+
     def truncate(self, lengths: torch.Tensor) -> None:
         lengths = lengths.to(self._lengths)
         if bool((lengths > self._lengths).any()) or bool((lengths < 0).any()):
