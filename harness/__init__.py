@@ -1,0 +1,1 @@
+"""The exactbench harness: the pytest plugin, oracles, records, report and CLI (python -m harness)."""
