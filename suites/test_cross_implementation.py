@@ -3,8 +3,8 @@
 Each supported family is built offline by transformers itself from a small random configuration, its
 weights re-drawn so that every tensor (biases and norms included) matters, and saved with save_pretrained;
 the reference model loads that directory through the checkpoint loader (names, fused q/k/v, transposed
-Conv1D) and runs it on the reference backend; transformers loads it as it would any checkpoint. The embedded
-default models are compared too. Other backends skip here: the cross-backend suite holds them to the reference.
+Conv1D) and runs it on the backend under test (the reference by default); transformers loads it as it would
+any checkpoint. The embedded default models are compared too.
 fp32 logits must agree within 1e-5; greedy tokens must be identical over 32 steps, with and without the cache.
 transformers is an optional test dependency: without it the suite skips, saying so.
 """
@@ -20,7 +20,6 @@ import torch
 from backends.checkpoint import hf_architecture, load_checkpoint
 from backends.generation import generate
 from backends.strategies import Quant, Strategy
-from backends.torch_ref.backend import TorchBackend
 from harness.models import EMBEDDED_MODELS
 from harness.oracles import first_mismatch, max_abs_error
 
@@ -81,7 +80,7 @@ def family_dir(tmp_path_factory):
             config = getattr(transformers, config_class)(**keywords)
             model = getattr(transformers, model_class)(config)
             redraw_weights(model, seed=sorted(FAMILIES).index(family))
-            built[family] = tmp_path_factory.mktemp("hf") / family  # the directory's name names the checkpoint
+            built[family] = tmp_path_factory.mktemp(family)
             model.save_pretrained(built[family])
         return built[family]
 
@@ -131,12 +130,8 @@ def model_dir(request, family_dir):
 
 
 @pytest.fixture
-def runner(backend, model_dir, checkpoints, load_runner, record):
-    """The reference backend (or a planted-fault variant of it), fp32, on the directory the loader read."""
-    record.model = model_dir.name
-    if not isinstance(backend, TorchBackend):
-        pytest.skip(f"backend {backend.name}: this suite checks the reference model against transformers; "
-                    "other backends are checked against the reference by the cross-backend suite")
+def runner(model_dir, checkpoints, load_runner):
+    """The backend under test, fp32, on the directory the loader read."""
     if model_dir not in checkpoints:
         checkpoints[model_dir] = load_checkpoint(model_dir)
     return load_runner(checkpoints[model_dir], Strategy(Quant.FP32))

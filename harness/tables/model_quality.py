@@ -13,7 +13,6 @@ COLUMNS = {
     "metric.weights_bytes": "weights (bytes)",
     "metric.train_wall_s": "training wall (s)",
     "metric.train_cpu_s": "training CPU (s)",
-    "metric.train_segments": "training segments",
     "metric.ppl": "held-out PPL",
     "metric.ppl_err": "PPL ±",
     "metric.same_top1": "same top-1 as target",
@@ -38,10 +37,8 @@ def heldout_quality(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
             "perplexity does. ± is one standard error.",
             "same top-1 as target: the fraction of scored positions where the draft's most likely token is the "
             "target's; greedy speculative decoding accepts a drafted token exactly when they agree.",
-            "Training times are from each model's training.log (fixed step counts). The 2-core machine was shared "
-            "with other jobs, so wall times vary from run to run; a run resumed after an interruption sums its "
-            "segments (training segments), including the steps it redid, and shows CPU time only when every "
-            "segment logged it.",
+            "Training times are from each model's training.log (fixed step counts; the 2-core machine was shared, "
+            "so CPU seconds are the steadier figure).",
         ]
         tables.append(Table(f"Embedded models on held-out text ({backend}, fp32)", rows, notes))
     return tables
