@@ -1,4 +1,4 @@
-"""python -m harness COMMAND: run (the main job), report, kv-calc, train."""
+"""python -m harness COMMAND: run (the main job), report, gate, kv-calc, train."""
 from __future__ import annotations
 
 import argparse
@@ -9,18 +9,23 @@ from pathlib import Path
 from .records import RecordsError
 
 MAIN_JOB_MARKERS = "exactness or bench"
+PUBLISHED = Path("results")
+# pytest's exit statuses after which the records hold results worth tabulating: all passed, some failed
+TABULATED_STATUSES = (0, 1)
 
 
 def run_main_job(results_dir: Path, pytest_args: list[str]) -> int:
-    """The suites on the default model (every available backend), then the published tables."""
+    """The suites on the default model (every available backend), published into `results_dir`, then the tables."""
     from backends.registry import available
 
     backend_args = [arg for name in available() for arg in ("--backend", name)]
     # a child process: pytest must import the plugin's modules itself (assertion rewriting, warnings as errors)
     status = subprocess.run([sys.executable, "-m", "pytest", "suites", "-m", MAIN_JOB_MARKERS,
                              "--results-dir", str(results_dir), *backend_args, *pytest_args]).returncode
-    written = report(results_dir)
-    return status or written
+    if status not in TABULATED_STATUSES:
+        print(f"error: pytest ended with status {status}; tables not regenerated", file=sys.stderr)
+        return status
+    return report(results_dir) or status
 
 
 def report(results_dir: Path) -> int:
@@ -40,13 +45,17 @@ def report(results_dir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .gate import add_gate_arguments, main_gate
+
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run the suites (exactness and bench tiers) and regenerate the tables")
-    run.add_argument("--results-dir", type=Path, default=Path("results"), help="default: results")
+    run = commands.add_parser("run", help="run the suites (exactness and bench tiers) and publish the tables")
+    run.add_argument("--results-dir", type=Path, default=PUBLISHED, help=f"default: {PUBLISHED}")
     run.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra arguments passed to pytest")
-    rep = commands.add_parser("report", help="regenerate results/*.md from results/records/*.json")
-    rep.add_argument("--results-dir", type=Path, default=Path("results"), help="default: results")
+    rep = commands.add_parser("report", help="regenerate results/*.md from the run files in results/records/")
+    rep.add_argument("--results-dir", type=Path, default=PUBLISHED, help=f"default: {PUBLISHED}")
+    gate = commands.add_parser("gate", help="judge a run against a baseline (exit 0 pass, 1 regression, 2 error)")
+    add_gate_arguments(gate)
     commands.add_parser("kv-calc", help="KV-cache and weight bytes of a named model or a config.json", add_help=False)
     commands.add_parser("train", help="train the embedded default models", add_help=False)
     args, rest = parser.parse_known_args(argv)
@@ -62,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_main_job(args.results_dir, args.pytest_args + rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "gate":
+        return main_gate(args)
     return report(args.results_dir)
 
 

@@ -2,10 +2,13 @@
 
 State lives on one HarnessSession in `config.stash`. Tests marked `exactness` or `bench` become records:
 their parametrization (backend, strategy, the rest as parameters), outcome, the metrics they attach with
-the `record` fixture and, for benchmarks, pytest-benchmark's statistics.
+the `record` fixture and, for benchmarks, pytest-benchmark's statistics. Each record is appended to this run's
+own file as its test finishes (harness/records.py); plain `pytest` writes under a scratch directory,
+`--results-dir` (the main job: results/) publishes.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,10 +22,10 @@ from backends.registry import available, get_backend
 from backends.strategies import Attention, Quant, Strategy, parse_attention, parse_quant
 
 from .models import DEFAULT_MODEL, resolve_model
-from .records import Record, current_commit, machine_info, merge_into
+from .records import Record, RunWriter, check_writable_dir, current_commit, machine_info, new_run_id, run_header
 
 DEFAULT_BACKENDS = ["torch"]
-DEFAULT_RESULTS_DIR = "results"
+SCRATCH_RESULTS_DIR = ".exactbench/results"  # under the rootdir, gitignored: plain runs never touch results/
 STRATEGY_FIXTURES = ("quant", "attention")
 RECORDED_MARKERS = ("exactness", "bench")
 
@@ -48,9 +51,9 @@ class HarnessSession:
     quants: list[Quant] | None  # None: every quantization each backend declares
     attentions: list[Attention] | None  # None: every attention implementation each backend declares
     model: Checkpoint
-    results_dir: Path
+    writer: RunWriter
+    shard: tuple[int, int] | None = None  # (index from 1, count)
     threads: int = field(default_factory=torch.get_num_threads)
-    records: list[Record] = field(default_factory=list)
     runner_cache: RunnerCache = field(default_factory=RunnerCache)
 
     def strategy_values(self, backend: str, kind: str) -> list:
@@ -79,7 +82,41 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="attention implementation; repeat for several (default: every one the backend declares). "
                          f"Names: {', '.join(a.value for a in Attention)}")
     group.addoption("--results-dir", metavar="DIR",
-                    help=f"where records (records/*.json) are merged (default: {DEFAULT_RESULTS_DIR})")
+                    help="where this run's records file is written (DIR/records/<run id>.jsonl; default: "
+                         f"{SCRATCH_RESULTS_DIR} under the rootdir, a scratch directory; the main job publishes "
+                         "into results)")
+    group.addoption("--shard", metavar="I/N",
+                    help="run only shard I of N (1-based; tests split by a stable hash of their node id), e.g. "
+                         "for a CI matrix whose run files merge into one report (default: every test)")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and 1 <= int(index) <= int(count)):
+        raise ValueError(f"bad --shard {text!r}: expected I/N with 1 <= I <= N, e.g. 1/4")
+    return int(index), int(count)
+
+
+def xdist_worker(config: pytest.Config) -> str | None:
+    """This process's pytest-xdist worker id (gw0, gw1, ...), or None outside xdist."""
+    return getattr(config, "workerinput", {}).get("workerid")
+
+
+def open_run(config: pytest.Config, options: dict[str, object]) -> RunWriter:
+    """This process's run file writer; a results directory that cannot take files is a usage error now, not after
+    the run."""
+    given = config.getoption("results_dir")
+    if given is not None and not given.strip():
+        raise ValueError("--results-dir is empty: name a directory")
+    results_dir = Path(given) if given is not None else config.rootpath / SCRATCH_RESULTS_DIR
+    records_dir = results_dir / "records"
+    try:
+        check_writable_dir(records_dir)
+    except OSError as error:
+        raise ValueError(f"--results-dir {results_dir}: cannot write records there ({error.strerror or error})") from None
+    worker = xdist_worker(config)
+    group = getattr(config, "workerinput", {}).get("testrunuid")
+    return RunWriter(records_dir, new_run_id(worker, group), run_header(options))
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -92,17 +129,39 @@ def pytest_configure(config: pytest.Config) -> None:
         quants = [parse_quant(q) for q in config.getoption("quant")] if config.getoption("quant") else None
         attentions = ([parse_attention(a) for a in config.getoption("attention")]
                       if config.getoption("attention") else None)
-        model = resolve_model(config.getoption("model") or DEFAULT_MODEL)
+        model_name = config.getoption("model")
+        if model_name is not None and not model_name.strip():
+            raise ValueError(f"--model is empty: name a built-in model or a local directory (default: {DEFAULT_MODEL})")
+        model = resolve_model(model_name or DEFAULT_MODEL)
+        shard = parse_shard(config.getoption("shard")) if config.getoption("shard") else None
+        options = {"backends": backends, "model": model.name, "quant": config.getoption("quant"),
+                   "attention": config.getoption("attention"), "shard": config.getoption("shard"),
+                   "markers": config.getoption("markexpr") or None, "worker": xdist_worker(config)}
+        writer = open_run(config, options)
     except (ValueError, CheckpointError) as error:
         raise pytest.UsageError(str(error)) from None
-    results_dir = Path(config.getoption("results_dir") or DEFAULT_RESULTS_DIR)
-    config.stash[SESSION] = HarnessSession(list(dict.fromkeys(backends)), quants, attentions, model, results_dir)
+    config.stash[SESSION] = HarnessSession(list(dict.fromkeys(backends)), quants, attentions, model, writer, shard)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """--shard I/N keeps the tests whose node id hashes to shard I (stable across machines and runs)."""
+    shard = config.stash[SESSION].shard
+    if shard is None:
+        return
+    index, count = shard
+    keep = [item for item in items if zlib.crc32(item.nodeid.encode()) % count == index - 1]
+    dropped = [item for item in items if zlib.crc32(item.nodeid.encode()) % count != index - 1]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+    items[:] = keep
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     session = config.stash[SESSION]
     return [f"exactbench: backends {', '.join(session.backends)} (available: {', '.join(available())}); "
-            f"model {session.model.name}; machine {machine_info()['id']}"]
+            f"model {session.model.name}; machine {machine_info()['id']}",
+            f"exactbench: records to {session.writer.path}"
+            + (f"; shard {session.shard[0]}/{session.shard[1]}" if session.shard else "")]
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -158,7 +217,7 @@ def load_runner(request: pytest.FixtureRequest, backend: Backend):
 
 
 class TestRecord:
-    """What a test attaches to its record: metrics, extra parameters, and the model/strategy it loaded."""
+    """What a test attaches to its record: metrics, their repeats, extra parameters, the model/strategy it loaded."""
 
     __test__ = False  # not a test class
 
@@ -168,9 +227,15 @@ class TestRecord:
         self.strategy: dict[str, str] = {}
         self.metrics: dict[str, float] = {}
         self.extra_params: dict[str, object] = {}
+        self.repeats: dict[str, list[float]] = {}
 
     def __call__(self, **metrics: float) -> None:
         self.metrics.update({name: float(value) for name, value in metrics.items()})
+
+    def samples(self, **repeats: list[float]) -> None:
+        """The repeated measurements behind a metric (e.g. the per-round ratios whose median it is): the gate
+        tests a change against their spread."""
+        self.repeats.update({name: [float(v) for v in values] for name, values in repeats.items()})
 
     def params(self, **params: object) -> None:
         self.extra_params.update(params)
@@ -185,6 +250,9 @@ def record(request: pytest.FixtureRequest) -> TestRecord:
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     tiers = [marker for marker in RECORDED_MARKERS if item.get_closest_marker(marker)]
+    if "bench" in tiers and xdist_worker(item.config):
+        # not recorded: the skip says nothing about the backend
+        pytest.skip("bench tests do not run under pytest-xdist (parallel timings are meaningless); run them without -n")
     if tiers:
         item.stash[TEST_RECORD] = TestRecord(tiers[0], item.config.stash[SESSION].model.name)
     # Exactness checks run tiny models, where one thread is fastest and immune to a busy machine;
@@ -196,19 +264,31 @@ def _plain(value: object) -> object:
     return value if isinstance(value, (int, float, bool, str)) or value is None else str(value)
 
 
-def _outcome(report: pytest.TestReport) -> tuple[str, str | None]:
+# Exceptions that say the environment failed (a file, a permission, the disk, memory), not the backend: recorded
+# as `error`, which never replaces an earlier decisive record.
+ENVIRONMENT_ERRORS = (OSError, MemoryError)
+
+
+def _outcome(report: pytest.TestReport, call: pytest.CallInfo) -> tuple[str, str | None]:
     if hasattr(report, "wasxfail"):
         return ("xfailed" if report.skipped else "xpassed"), report.wasxfail or None
     if report.skipped:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         return "skipped", reason.removeprefix("Skipped: ")
+    if report.failed and call.excinfo is not None and call.excinfo.errisinstance(ENVIRONMENT_ERRORS):
+        return "error", call.excinfo.exconly().splitlines()[0]
     return report.outcome, None
 
 
-def _benchmark_metrics(item: pytest.Item) -> dict[str, float]:
+def _benchmark_stats(item: pytest.Item):
     bench = getattr(item, "funcargs", {}).get("benchmark")
     stats = getattr(getattr(bench, "stats", None), "stats", None)
-    if stats is None or not getattr(stats, "data", None):
+    return stats if stats is not None and getattr(stats, "data", None) else None
+
+
+def _benchmark_metrics(item: pytest.Item) -> dict[str, float]:
+    stats = _benchmark_stats(item)
+    if stats is None:
         return {}
     return {"median_s": stats.median, "mean_s": stats.mean, "min_s": stats.min, "stddev_s": stats.stddev,
             "rounds": float(stats.rounds)}
@@ -221,7 +301,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     decisive = (report.when == "call") or (report.when == "setup" and report.outcome != "passed")
     if test_record is None or not decisive:
         return report
-    outcome, reason = _outcome(report)
+    outcome, reason = _outcome(report, call)
     callspec = getattr(item, "callspec", None)
     params = {k: _plain(v) for k, v in (callspec.params if callspec else {}).items()}
     backend = params.pop("backend", None)
@@ -229,21 +309,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     for kind in STRATEGY_FIXTURES:
         params.pop(kind, None)
     params.update({k: _plain(v) for k, v in test_record.extra_params.items()})
-    item.config.stash[SESSION].records.append(Record(
+    stats = _benchmark_stats(item)
+    samples = {"time_s": list(stats.data)} if stats is not None else {}
+    item.config.stash[SESSION].writer.append(Record(
         suite=item.module.__name__.rsplit(".", 1)[-1].removeprefix("test_"), tier=test_record.tier,
         test=item.nodeid, backend=backend, model=test_record.model, strategy=strategy, params=params,
         outcome=outcome, metrics={**test_record.metrics, **_benchmark_metrics(item)}, reason=reason,
-        machine=machine_info(), commit=current_commit(), time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        machine=machine_info(), commit=current_commit(), time=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+        samples={**samples, **test_record.repeats},
     ))
     return report
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     harness = session.config.stash.get(SESSION, None)
-    if harness is None or not harness.records:
+    if harness is None:
         return
-    written = merge_into(harness.results_dir / "records", harness.records)
+    harness.writer.close()
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"exactbench: {len(harness.records)} records merged into "
-                            f"{', '.join(str(p) for p in written)}")
+    if reporter is not None and harness.writer.count:
+        reporter.write_line(f"exactbench: {harness.writer.count} records in {harness.writer.path}")

@@ -1,10 +1,12 @@
 """The plugin seen from outside, through pytester: options, usage errors, parametrization, skips, records."""
 import json
+import os
 
 import pytest
 
 from harness.__main__ import main as harness_main
 from harness.models import DEFAULT_MODEL
+from harness.records import load_all
 
 SUITE = """
 import pytest
@@ -33,7 +35,7 @@ def test_help_lists_the_options_in_their_own_group_with_defaults(pytester):
     text = result.stdout.str()
     for option, default in [("--backend", "default: torch"), ("--model", f"default: {DEFAULT_MODEL}"),
                             ("--quant", "default: every one"), ("--attention", "default: every one"),
-                            ("--results-dir", "default: results")]:
+                            ("--results-dir", "default: .exactbench/results")]:
         assert option in text
         assert default in " ".join(text.split()), f"{option} help does not state {default!r}"
 
@@ -64,8 +66,10 @@ def test_malformed_model_directory_is_a_usage_error(pytester):
 def test_backend_and_strategies_are_parametrized_with_readable_ids(pytester):
     pytester.makepyfile(test_x=SUITE)
     result = pytester.runpytest_inprocess("--collect-only", "-q", "-m", "exactness")
-    result.stdout.fnmatch_lines(["test_x.py::test_loads[[]torch-fp32[]]", "test_x.py::test_loads[[]torch-bf16[]]",
-                                 "test_x.py::test_loads[[]torch-fp16[]]"])
+    collected = {line.strip() for line in result.stdout.lines}
+    # a set: the order is pytest-randomly's when it is installed
+    assert {"test_x.py::test_loads[torch-fp32]", "test_x.py::test_loads[torch-bf16]",
+            "test_x.py::test_loads[torch-fp16]"} <= collected
 
 
 def test_missing_capability_skips_naming_backend_and_capability(pytester):
@@ -81,12 +85,16 @@ def test_markers_are_strict_and_select_tiers(pytester):
     result.stdout.fnmatch_lines(["*'exactnes' not found in `markers` configuration option*"])
 
 
-def test_records_are_written_and_merged_then_tabulated(pytester, capsys):
+def test_records_are_written_per_run_then_tabulated(pytester):
     pytester.makepyfile(test_x=SUITE)
-    pytester.runpytest_inprocess("--quant", "fp32", "--quant", "int8-dynamic").assert_outcomes(passed=2, skipped=1)
-    path = pytester.path / "results" / "records" / "x.json"
-    records = json.loads(path.read_text())
-    by_test = {r["test"]: r for r in records}
+    results = pytester.path / "published"
+    pytester.runpytest_inprocess("--quant", "fp32", "--quant", "int8-dynamic", "--results-dir", str(results)
+                                 ).assert_outcomes(passed=2, skipped=1)
+    [first_run] = (results / "records").glob("*.jsonl")
+    header, *lines = [json.loads(line) for line in first_run.read_text().splitlines()]
+    assert header["run"]["machine"]["cores"] and header["run"]["versions"]["torch"]
+    assert header["run"]["options"]["backends"] == ["torch"]
+    by_test = {r["test"]: r for r in lines}
     loads = by_test["test_x.py::test_loads[torch-fp32]"]
     assert loads["backend"] == "torch" and loads["model"] == "small-rope-gqa" and loads["tier"] == "exactness"
     assert loads["strategy"] == {"quant": "fp32"} and loads["outcome"] == "passed"
@@ -96,21 +104,65 @@ def test_records_are_written_and_merged_then_tabulated(pytester, capsys):
     assert skipped["outcome"] == "skipped" and "quant:int8-dynamic" in skipped["reason"]
     timed = by_test["test_x.py::test_timed[torch]"]
     assert timed["tier"] == "bench" and timed["metrics"]["median_s"] > 0 and timed["metrics"]["rounds"] >= 1
+    assert len(timed["samples"]["time_s"]) == timed["metrics"]["rounds"]
+    assert first_run.stat().st_mode & 0o044 == 0o044, "run files are readable by everyone"
 
-    # a second run re-measures one test: merged, not appended, and nothing else lost
+    # a second run writes a file of its own; readers take the latest record per test and lose nothing
+    pytester.runpytest_inprocess("--quant", "fp32", "-m", "exactness", "--results-dir", str(results)
+                                 ).assert_outcomes(passed=1)
+    assert len(list((results / "records").glob("*.jsonl"))) == 2
+    assert first_run.read_text().count("\n") == 4, "an earlier run's file is never rewritten"
+    assert len(load_all(results / "records")) == 3
+
+    assert harness_main(["report", "--results-dir", str(results)]) == 0
+    table = (results / "x.md").read_text()
+    assert "pass" in table and "n/a" in table
+
+
+def test_plain_pytest_never_writes_into_results(pytester):
+    pytester.makepyfile(test_x=SUITE)
+    (pytester.path / "results").mkdir()
     pytester.runpytest_inprocess("--quant", "fp32", "-m", "exactness").assert_outcomes(passed=1)
-    assert len(json.loads(path.read_text())) == 3
-
-    assert harness_main(["report", "--results-dir", str(pytester.path / "results")]) == 0
-    table = (pytester.path / "results" / "x.md").read_text()
-    assert "## Exactness outcomes" in table and "n/a" in table and "pass" in table
+    assert not any((pytester.path / "results").iterdir())
+    assert len(list((pytester.path / ".exactbench" / "results" / "records").glob("*.jsonl"))) == 1
 
 
-def test_report_on_a_corrupt_records_file_is_a_one_line_error(tmp_path, capsys):
-    records = tmp_path / "records"
-    records.mkdir()
-    (records / "kv_cache.json").write_text('[{"suite": "kv_cache"')
-    assert harness_main(["report", "--results-dir", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "kv_cache.json: corrupt records file" in err and "\n" not in err
-    assert not list(tmp_path.glob("*.md"))
+@pytest.mark.parametrize("args, message", [
+    (["--results-dir", ""], "ERROR: --results-dir is empty: name a directory"),
+    (["--model", ""], "ERROR: --model is empty: *"),
+    (["--results-dir", "a-file"], "ERROR: --results-dir a-file: cannot write records there (*)"),
+    (["--results-dir", "a-file/below"], "ERROR: --results-dir a-file/below: cannot write records there (*)"),
+    (["--results-dir", "read-only"], "ERROR: --results-dir read-only: cannot write records there (*)"),
+    (["--shard", "3/2"], "ERROR: bad --shard '3/2': expected I/N with 1 <= I <= N, e.g. 1/4"),
+])
+def test_bad_results_dir_model_or_shard_is_a_usage_error_before_the_run(pytester, args, message):
+    pytester.makepyfile(test_x=SUITE)
+    pytester.makefile("", **{"a-file": "x"})
+    read_only = pytester.mkdir("read-only")
+    read_only.chmod(0o555)
+    if "read-only" in args and os.access(read_only, os.W_OK):
+        pytest.skip("this user (root) can write into read-only directories")
+    result = pytester.runpytest_subprocess(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+    assert "Traceback" not in result.stderr.str() + result.stdout.str()
+
+
+def test_shards_split_the_tests_and_their_runs_merge(pytester):
+    pytester.makepyfile(test_x=SUITE)
+    results = pytester.path / "merged"
+    outcomes = [pytester.runpytest_inprocess("-m", "exactness", "--shard", f"{i}/2", "--results-dir", str(results))
+                .parseoutcomes() for i in (1, 2)]
+    assert sum(o.get("passed", 0) for o in outcomes) == 3 and all(o.get("deselected") for o in outcomes)
+    assert len(load_all(results / "records")) == 3
+
+
+def test_each_xdist_worker_keeps_every_record(pytester):
+    pytester.makepyfile(test_x=SUITE)
+    results = pytester.path / "parallel"
+    result = pytester.runpytest_subprocess("-n", "2", "--results-dir", str(results), "-rs")
+    result.assert_outcomes(passed=3, skipped=1)
+    result.stdout.fnmatch_lines(["*bench tests do not run under pytest-xdist*"])
+    records = load_all(results / "records")
+    assert sorted(r.test for r in records) == [f"test_x.py::test_loads[torch-{q}]" for q in ("bf16", "fp16", "fp32")]
+    assert len(list((results / "records").glob("*.jsonl"))) == 2, "one file per worker"
