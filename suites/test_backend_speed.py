@@ -59,3 +59,5 @@ def test_tokens_per_second(backend, load_runner, checkpoint, quant, phase, batch
     record.params(prompt_tokens=PROMPT_TOKENS, decode_tokens=DECODE_TOKENS)
     record(tokens_per_s=tokens_per_s, baseline_tokens_per_s=baseline_tokens_per_s,
            ratio_to_torch_fp32=tokens_per_s / baseline_tokens_per_s)
+    # per-round ratios of the interleaved pairs: the spread the regression gate tests a change against
+    record.samples(ratio_to_torch_fp32=[b / r for r, b in zip(runner_s[warm], baseline_s[warm])])
