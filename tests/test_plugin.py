@@ -166,3 +166,9 @@ def test_each_xdist_worker_keeps_every_record(pytester):
     records = load_all(results / "records")
     assert sorted(r.test for r in records) == [f"test_x.py::test_loads[torch-{q}]" for q in ("bf16", "fp16", "fp32")]
     assert len(list((results / "records").glob("*.jsonl"))) == 2, "one file per worker"
+
+
+def test_main_job_with_a_bad_pytest_option_regenerates_no_table(tmp_path, capsys):
+    assert harness_main(["run", "--results-dir", str(tmp_path), "--bogus"]) == pytest.ExitCode.USAGE_ERROR
+    assert "tables not regenerated" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.md"))
