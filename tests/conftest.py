@@ -18,3 +18,10 @@ def register_backend():
     yield add
     for name in names:
         registry.unregister(name)
+
+
+@pytest.fixture(autouse=True)
+def _inner_runs_are_not_xdist_workers(monkeypatch):
+    """Under `pytest -n`, pytester's inner runs inherit PYTEST_XDIST_WORKER, and pytest-benchmark then disables
+    itself in them; an inner run is a session of its own."""
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
