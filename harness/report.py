@@ -66,7 +66,7 @@ def format_number(x: object) -> str:
 
 FORMATS: dict[str, Callable[[float], str]] = {
     "bytes": format_bytes, "ratio": format_ratio, "error": format_error, "percent": format_percent,
-    "number": format_number, "seconds": lambda s: _significant(s), "ms": lambda ms: _significant(ms, 3),
+    "number": format_number, "pvalue": lambda p: _significant(p, 2), "seconds": lambda s: _significant(s), "ms": lambda ms: _significant(ms, 3),
 }
 MISSING = "n/a"
 
@@ -107,7 +107,7 @@ class Table:
         body = cells.to_markdown(index=False, disable_numparse=True,
                                  colalign=["right" if n else "left" for n in numeric]) if len(cells) else "(no records)"
         notes = list(self.notes)
-        if (cells == MISSING).any().any():
+        if self.frame.map(is_missing).any().any():
             notes.append(f"{MISSING}: {self.missing}.")
         if self.reproduce:
             notes.append(f"Reproduce: `{self.reproduce}`")
@@ -178,7 +178,7 @@ def per_machine(rows: pd.DataFrame, keys: list[str], values: list[str]) -> pd.Da
 # --- exactness: the summary and the per-test matrices ---------------------------------------------------------
 
 OUTCOME_MARKS = {"passed": "pass", "failed": "FAIL", "skipped": "n/a", "xfailed": "xfail", "xpassed": "XPASS"}
-STRATEGY_KEYS = ["quant", "attention"]
+STRATEGY_KEYS = ["quant", "param.dtype", "attention"]  # a kernel test's dtype is its precision strategy
 # errors of the oracle's own yardstick (the plain low-precision path), not of the path under test
 YARDSTICK_ERRORS = {"metric.plain_error", "metric.recompute_error"}
 
@@ -203,14 +203,15 @@ def exactness_figures(checks: pd.DataFrame) -> dict[str, object]:
         values = values[values.map(math.isfinite)]  # a ratio over an exact plain path (0) is judged by a bound
         return float(getattr(values, how)()) if len(values) else math.nan
 
-    reasons = checks.loc[checks["outcome"] == "skipped", "reason"].dropna().unique() if "reason" in checks else []
+    reasons = checks.loc[checks["outcome"] == "skipped", "reason"].dropna() if "reason" in checks else pd.Series()
     return {
         "checks": len(checks), "passed": int(counts.get("passed", 0)), "failed": int(counts.get("failed", 0)),
         "skipped": int(counts.get("skipped", 0)),
         "xfailed": int(counts.get("xfailed", 0)), "xpassed": int(counts.get("xpassed", 0)),
         "worst_ratio": worst(ratio_metrics(judged), "max"), "max_error": worst(error_metrics(judged), "max"),
         "min_pvalue": worst([c for c in ("metric.min_pvalue",) if c in judged], "min"),
-        "skip_reasons": "; ".join(sorted(reasons)),
+        "skip_reasons": "; ".join(sorted(reasons.unique())),
+        "main_skip_reason": reasons.mode().iloc[0] if len(reasons) else "",  # the reason most skips give
     }
 
 
@@ -224,6 +225,7 @@ def strategy_label(frame: pd.DataFrame) -> pd.Series:
 
 def exactness_summary(checks: pd.DataFrame, suite: str) -> Table:
     """One row per backend and strategy: passed/failed/skipped and the worst figures against the oracle."""
+    reproduce = reproduce_command(suite, "exactness", checks["backend"])
     checks = checks.assign(backend=checks["backend"].fillna("(none: tensors)"), strategy=strategy_label(checks))
     rows = []
     for (machine, backend, strategy), group in checks.groupby(["machine", "backend", "strategy"], sort=True):
@@ -247,9 +249,10 @@ def exactness_summary(checks: pd.DataFrame, suite: str) -> Table:
              "the worst figures."]
     return Table("Exactness outcomes: summary by backend and strategy", frame, notes,
                  formats={"worst error ratio (limit 2)": "ratio", "max abs error": "error",
-                          "smallest p-value (limit 1e-4)": "error"},
-                 missing="the row's tests record no such figure (they assert equality or a bound)",
-                 reproduce=reproduce_command(suite, "exactness", checks["backend"]))
+                          "smallest p-value (limit 1e-4)": "pvalue"},
+                 missing="none of the row's checks ran (see why skipped), or they record no such figure (they assert "
+                         "equality or a bound)",
+                 reproduce=reproduce)
 
 
 def _determined(group: pd.DataFrame, column: str, by: list[str]) -> bool:
@@ -257,15 +260,38 @@ def _determined(group: pd.DataFrame, column: str, by: list[str]) -> bool:
     return bool(by) and bool((group.groupby(by, dropna=False)[column].nunique(dropna=False) <= 1).all())
 
 
+def _sort_key(value: object) -> tuple:
+    """Numbers before text, numbers by value (17 before 1025), missing last."""
+    if is_missing(value):
+        return (2, 0, "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value, "")
+    return (1, 0, str(value))
+
+
+def _spread_parameter(group: pd.DataFrame, keys: list[str]) -> str | None:
+    """The parameter to spread across columns: one whose every value occurs with every other combination (no
+    holes), the one with the most values; None when each would leave holes (parameters varied in pairs)."""
+    best = None
+    for column in (k for k in keys if k.startswith("param.")):
+        others = [k for k in keys if k != column]
+        combinations = len(group[others].drop_duplicates()) if others else 1
+        complete = combinations * group[column].nunique() == len(group.drop_duplicates(keys))
+        if complete and (best is None or group[column].nunique() > group[best].nunique()):
+            best = column
+    return best
+
+
 def outcome_details(checks: pd.DataFrame, suite: str) -> list[Table]:
     """Per-test outcome matrices, collapsed: tests sharing a parameter set share a table (a column per test);
     a test alone in its set spreads its most varied parameter (k, N, position...) across the columns."""
     checks = checks.copy()
     checks["mark"] = checks["outcome"].map(OUTCOME_MARKS).fillna(checks["outcome"])
-    candidates = ["backend", "model"] + [c for c in STRATEGY_KEYS if c in checks] + sorted(
-        c for c in checks if c.startswith("param."))
-    checks["signature"] = checks[candidates].notna().apply(
-        lambda row: tuple(c for c, present in row.items() if present), axis=1)
+    candidates = list(dict.fromkeys(["backend", "model"] + [c for c in STRATEGY_KEYS if c in checks] + sorted(
+        c for c in checks if c.startswith("param."))))
+    present = checks[candidates].notna().groupby(checks["function"]).any()  # a test's keys, in any of its records
+    checks["signature"] = checks["function"].map(
+        {function: tuple(c for c in candidates if row[c]) for function, row in present.iterrows()})
     tables = []
     for signature, group in checks.groupby("signature", sort=True):
         group = group.copy()
@@ -274,18 +300,20 @@ def outcome_details(checks: pd.DataFrame, suite: str) -> list[Table]:
         if "model" in keys and _determined(group, "model", [k for k in keys if k != "model"]):
             keys.remove("model")  # each small model is named by its position and kind, already columns
         functions = sorted(group["function"].unique())
-        params = [k for k in keys if k.startswith("param.")]
-        if len(functions) == 1 and params:
-            spread = max(params, key=lambda c: (group[c].nunique(), c))
-            group["column"] = group[spread].map(lambda v: f"{spread.removeprefix('param.')}={format_number(v)}")
+        spread = _spread_parameter(group, keys) if len(functions) == 1 else None
+        group = group.sort_values(keys, key=lambda column: column.map(_sort_key))
+        if spread:
+            label = spread.removeprefix("param.")
+            group["column"] = group[spread].map(lambda v: f"{label}={format_number(v)}")
             keys.remove(spread)
-            order = [f"{spread.removeprefix('param.')}={format_number(v)}" for v in sorted(group[spread].unique())]
+            order = list(dict.fromkeys(group.sort_values(spread)["column"]))
         else:
             group["column"] = group["function"]
             order = functions
         group[keys] = group[keys].astype(object).map(lambda v: "-" if is_missing(v) else format_number(v))
         if keys:
-            matrix = group.pivot_table(index=keys, columns="column", values="mark", aggfunc="first", fill_value="—")
+            matrix = group.pivot_table(index=keys, columns="column", values="mark", aggfunc="first", fill_value="—",
+                                       sort=False)
             matrix = matrix[order].reset_index()
         else:
             matrix = group.pivot_table(columns="column", values="mark", aggfunc="first")[order].reset_index(drop=True)

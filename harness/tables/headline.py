@@ -101,18 +101,27 @@ def _speed_model(frame: pd.DataFrame) -> str:
     return str(_passed(frame, "backend_speed", "test_tokens_per_second")["model"].iloc[0])
 
 
-def quantization_gain(frame: pd.DataFrame, backend: str, quant: str) -> tuple[str, str]:
-    """Decode tokens/s over the same backend's fp32 (batch 1), and the exported file's size against fp32's."""
+def speed_gain(frame: pd.DataFrame, backend: str, quant: str) -> pd.Series | None:
+    """Tokens/s of a strategy over the same backend's fp32, per (phase, batch): the quotient of the two ratios to
+    torch fp32, each measured side by side with it."""
     ratios, baseline = _speed(frame, backend, quant), _speed(frame, backend, "fp32")
     if ratios is None or baseline is None:
+        return None
+    return (ratios / baseline).dropna()
+
+
+def quantization_gain(frame: pd.DataFrame, backend: str, quant: str) -> tuple[str, str]:
+    """Decode tokens/s over the same backend's fp32 (batch 1), and the exported file's size against fp32's."""
+    gain = speed_gain(frame, backend, quant)
+    if gain is None:
         return _why_not(frame, "backend_speed", "test_tokens_per_second", backend), NA
-    batch = min(b for _, b in ratios.index)
-    figure = f"decode {format_ratio(ratios[('decode', batch)] / baseline[('decode', batch)])} {backend} fp32's tokens/s"
+    batch = min(b for _, b in gain.index)
+    figure = f"decode {format_ratio(gain[('decode', batch)])} {backend} fp32's tokens/s (batch {int(batch)})"
     export = _passed(frame, "onnx_export", "test_export_then_cache_hit")
     sizes = export[export["backend"] == backend].set_index("quant")["metric.file_mb"]
     if quant in sizes and "fp32" in sizes:
         figure += f"; file {format_ratio(sizes['fp32'] / sizes[quant])} smaller"
-    return f"{figure} (batch {int(batch)})", _speed_model(frame)
+    return figure, _speed_model(frame)
 
 
 def nothing_bought(frame: pd.DataFrame, backend: str, strategy: str) -> tuple[str, str]:
@@ -158,10 +167,14 @@ OPTIMIZATIONS = (
 )
 
 
+def ran(figures: dict) -> int:
+    return figures["passed"] + figures["failed"] + figures["xpassed"]
+
+
 def exact_cell(figures: dict) -> str:
-    judged = figures["passed"] + figures["failed"] + figures["xpassed"]
+    judged = ran(figures)
     if not judged:
-        return f"{NA} ({figures['skip_reasons'] or 'no check ran'})"
+        return f"{NA} (skipped: {figures['main_skip_reason'] or 'no check ran'})"
     verdict = "yes" if not figures["failed"] and not figures["xpassed"] else "NO"
     text = f"{verdict}: {figures['passed']}/{judged} passed"
     if figures["skipped"]:
@@ -172,6 +185,8 @@ def exact_cell(figures: dict) -> str:
 
 
 def worst_cell(figures: dict) -> str:
+    if not ran(figures):
+        return f"{NA} (no check ran)"
     if not is_missing(figures["worst_ratio"]):
         return f"error ratio {format_ratio(figures['worst_ratio'])} (limit 2)"
     if not is_missing(figures["max_error"]):
@@ -193,8 +208,8 @@ def headline_rows(frame: pd.DataFrame, pages: set[str]) -> pd.DataFrame:
                 backend, strategy = (key[0], key[1]) if opt.by else (key[0], "")
                 figures = exactness_figures(group)
                 bought, measured_on = opt.buys(on_machine, backend, strategy)
-                if not (figures["passed"] + figures["failed"] + figures["xpassed"]):
-                    bought = exact_cell(figures)  # nothing ran: the same reason
+                if not ran(figures):
+                    bought, measured_on = f"{NA} (no check ran)", NA
                 rows.append({
                     "machine": machine, "optimization": opt.name, "backend": backend, "strategy": strategy or "-",
                     "exact? (passed/run)": exact_cell(figures), "worst against its oracle": worst_cell(figures),
