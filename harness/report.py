@@ -32,9 +32,11 @@ def _significant(x: float, digits: int = 3) -> str:
 
 
 def format_error(x: float) -> str:
-    """Errors and p-values: two significant figures, a short exponent (3.2e-6), 0 for an exact match."""
+    """Errors: two significant figures, below 1e-3 with a short exponent (3.2e-6); 0 for an exact match."""
     if x == 0 or not math.isfinite(x):
         return {0: "0", math.inf: "inf", -math.inf: "-inf"}[x]
+    if 1e-3 <= abs(x) < 1e6:
+        return _significant(x, 2)
     mantissa, exponent = f"{x:.1e}".split("e")
     return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
 
@@ -52,7 +54,7 @@ def format_ratio(x: float) -> str:
 
 
 def format_percent(fraction: float) -> str:
-    return f"{100 * fraction:.1f}%"
+    return f"{_significant(100 * fraction)}%"
 
 
 def format_number(x: object) -> str:
@@ -173,6 +175,18 @@ def per_machine(rows: pd.DataFrame, keys: list[str], values: list[str]) -> pd.Da
             for machine in machines:
                 out[f"{value} ({machine})"] = wide.get(machine)
     return out.reset_index()
+
+
+def collapse(rows: pd.DataFrame, labels: list[str], name: str) -> pd.DataFrame:
+    """Rows that agree on every other column become one, their `labels` joined into the column `name`
+    ("onnxrt native, torch sdpa"): a figure repeated for each backend is printed once."""
+    others = [c for c in rows.columns if c not in labels]
+    text = rows[labels].astype(str).agg(" ".join, axis=1)
+    keyed = rows[others].astype(str)
+    merged = (pd.concat([rows[others], text.rename(name)], axis=1)
+              .groupby([keyed[c] for c in others], sort=False)
+              .agg({**{c: "first" for c in others}, name: ", ".join}).reset_index(drop=True))
+    return merged[[name] + others]
 
 
 # --- exactness: the summary and the per-test matrices ---------------------------------------------------------

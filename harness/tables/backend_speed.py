@@ -49,8 +49,9 @@ def speed_ratios(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
         _plot(ratios, f"{model}: tokens/s relative to torch fp32, same run", results_dir / plot)
         notes = [f"Ratio = the row's tokens/s over torch fp32's, both timed alternately within the same test "
                  f"(median of the timed rounds after a warm-up round). Prefill: {prompt} tokens per row in one call; "
-                 f"decode: {decode} single-token calls after the prompt; bN = batch of N rows. "
-                 "Cells absent from the records are left empty."]
-        tables.append(Table(f"Speed relative to torch fp32: {model}", ratios, notes, plot))
-        tables.append(Table(f"Tokens/s: {model} (absolute, on the machine named above)", absolute))
+                 f"decode: {decode} single-token calls after the prompt; bN = batch of N rows."]
+        missing = "no record of this strategy at this phase and batch"
+        tables.append(Table(f"Speed relative to torch fp32: {model}", ratios, notes, plot, missing=missing,
+                            formats={c: "ratio" for c in ratios.columns if c not in ("backend", "strategy")}))
+        tables.append(Table(f"Tokens/s: {model} (absolute, on the machine named above)", absolute, missing=missing))
     return tables
