@@ -28,7 +28,8 @@ def _significant(x: float, digits: int = 3) -> str:
     if not 1e-3 <= abs(x) < 1e6:
         return format_error(x)
     decimals = max(0, digits - 1 - math.floor(math.log10(abs(x))))
-    return f"{round(x, decimals):,.{decimals}f}"
+    text = f"{round(x, decimals):,.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text  # 1.7, not 1.70
 
 
 def format_error(x: float) -> str:
@@ -371,10 +372,14 @@ def provenance(frame: pd.DataFrame) -> str:
 
 
 def write_report(results_dir: Path) -> list[Path]:
-    """Regenerate results/README.md and results/<suite>.md from results/records/*.json; returns the files written."""
+    """Regenerate results/README.md and results/<suite>.md from the records under results/records/; returns the
+    files written (none when there are no records)."""
+    return write_pages(results_dir, load_all(results_dir / "records"))
+
+
+def write_pages(results_dir: Path, records: list[Record]) -> list[Path]:
     from .tables.headline import readme
 
-    records = load_all(results_dir / "records")
     if not records:
         return []
     frame = records_frame(records)

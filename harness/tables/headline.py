@@ -146,6 +146,8 @@ def _suite(name: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
 
 def _attention(checks: pd.DataFrame) -> pd.DataFrame:
     checks = checks[checks["suite"] == "flash_attention"].copy()
+    if not len(checks):
+        return checks
     # test_flash_block_sizes runs the torch flash kernel itself, at every tile size
     tiles = checks["function"] == "test_flash_block_sizes"
     checks.loc[tiles, "backend"], checks.loc[tiles, "attention"] = "torch", "flash"
@@ -235,6 +237,7 @@ HEADLINE_NOTES = [
 def readme(frame: pd.DataFrame, pages: set[str]) -> str:
     from .seed_claims import claims_table
 
+    frame = frame.reindex(columns=frame.columns.union(["quant", "attention", "reason"], sort=False))  # absent if unused
     headline = Table("Headline: is each optimization exact, and what does it buy?", headline_rows(frame, pages),
                      HEADLINE_NOTES, reproduce="python -m harness run")
     claims = claims_table(frame, pages)

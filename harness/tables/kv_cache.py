@@ -57,8 +57,8 @@ def measured_figures(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
     oracle = frame[frame["function"] == "test_cached_decode_in_low_precision_by_the_oracle"].dropna(subset=["metric.ratio"]) \
         if "metric.ratio" in frame else frame.iloc[:0]
     if len(oracle):
-        rows = oracle[["backend", "model", "quant", "metric.cached_error", "metric.recompute_error", "metric.ratio",
-                       "outcome"]].rename(columns={"metric.cached_error": "cached error", "metric.recompute_error":
+        rows = oracle.reindex(columns=["backend", "model", "quant", "metric.cached_error", "metric.recompute_error",
+                                       "metric.ratio", "outcome"]).rename(columns={"metric.cached_error": "cached error", "metric.recompute_error":
                                                    "recompute error", "metric.ratio": "ratio (limit 2)"})
         # fp32's recompute path is exact (error 0): no ratio, it is judged by a bound
         rows["ratio (limit 2)"] = rows["ratio (limit 2)"].where(rows["ratio (limit 2)"].map(math.isfinite))
@@ -71,7 +71,8 @@ def measured_figures(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
     kv = frame[frame["function"] == "test_kv_bytes_per_token_match_the_formula"].dropna(subset=["metric.kv_bytes_per_token"]) \
         if "metric.kv_bytes_per_token" in frame else frame.iloc[:0]
     if len(kv):
-        rows = kv[["backend", "model", "quant", "metric.element_bytes", "metric.kv_bytes_per_token", "outcome"]]
+        rows = kv.reindex(columns=["backend", "model", "quant", "metric.element_bytes", "metric.kv_bytes_per_token",
+                                   "outcome"])
         rows = rows.rename(columns={"metric.element_bytes": "bytes per element",
                                     "metric.kv_bytes_per_token": "KV per token (bytes)"})
         tables.append(Table("KV bytes per token, measured from the allocated tensors",
