@@ -159,6 +159,12 @@ def test_two_machines_get_a_column_each_where_their_figures_differ(tmp_path):
     assert "| exact? (passed/run) " in header  # the same on both machines: one column
 
 
+def test_a_suite_the_headline_does_not_know_still_gets_its_page_and_the_readme(tmp_path):
+    written = write_pages(tmp_path, [make("test_loads[torch-fp32]", suite="x", metrics={"vocab": 256.0})])
+    assert {p.name for p in written} == {"x.md", "README.md"}
+    assert "n/a (no passed test_speedup records: run suites/test_speculative.py)" in (tmp_path / "README.md").read_text()
+
+
 def test_the_published_pages_have_no_nan_and_say_how_to_reproduce_each_table(tmp_path):
     records = load_all(REPO / "results" / "records")
     if not records:

@@ -218,7 +218,9 @@ def headline_rows(frame: pd.DataFrame, pages: set[str]) -> pd.DataFrame:
                     "what it buys": bought, "measured on": measured_on,
                     "details": f"[{opt.suite}]({opt.suite}.md)" if opt.suite in pages else NA,
                 })
-    table = pd.DataFrame(rows)
+    columns = ["machine", "optimization", "backend", "strategy", "exact? (passed/run)", "worst against its oracle",
+               "what it buys", "measured on", "details"]
+    table = pd.DataFrame(rows, columns=columns)
     keys = ["optimization", "backend", "strategy"]
     return per_machine(table, keys, [c for c in table.columns if c not in keys + ["machine"]])
 
