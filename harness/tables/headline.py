@@ -134,7 +134,7 @@ def nothing_bought(frame: pd.DataFrame, backend: str, strategy: str) -> tuple[st
 @dataclass(frozen=True)
 class Optimization:
     name: str
-    suite: str  # its page
+    pages: tuple[str, ...]  # the suite pages that show its checks and figures
     select: Callable[[pd.DataFrame], pd.DataFrame]  # its exactness checks among every record
     by: str  # the strategy column that makes a row beside the backend, or "" for one row per backend
     buys: Callable[[pd.DataFrame, str, str], tuple[str, str]]
@@ -159,13 +159,13 @@ def _quantized(checks: pd.DataFrame) -> pd.DataFrame:
 
 
 OPTIMIZATIONS = (
-    Optimization("KV cache", "kv_cache", _suite("kv_cache"), "", cache_speedup),
-    Optimization("Attention kernel", "flash_attention", _attention, "attention", attention_speedup),
-    Optimization("Speculative decoding", "speculative", _suite("speculative"), "", speculative_speedup),
-    Optimization("Another backend (vs torch)", "cross_backend", _suite("cross_backend"), "", backend_speedup),
-    Optimization("Reference vs transformers", "cross_implementation", _suite("cross_implementation"), "",
+    Optimization("KV cache", ("kv_cache",), _suite("kv_cache"), "", cache_speedup),
+    Optimization("Attention kernel", ("flash_attention",), _attention, "attention", attention_speedup),
+    Optimization("Speculative decoding", ("speculative",), _suite("speculative"), "", speculative_speedup),
+    Optimization("Another backend (vs torch)", ("cross_backend", "backend_speed"), _suite("cross_backend"), "", backend_speedup),
+    Optimization("Reference vs transformers", ("cross_implementation",), _suite("cross_implementation"), "",
                  nothing_bought),
-    Optimization("Quantization", "cross_backend", _quantized, "quant", quantization_gain),
+    Optimization("Quantization", ("backend_speed", "onnx_export", "cross_backend", "kv_cache"), _quantized, "quant", quantization_gain),
 )
 
 
@@ -216,7 +216,7 @@ def headline_rows(frame: pd.DataFrame, pages: set[str]) -> pd.DataFrame:
                     "machine": machine, "optimization": opt.name, "backend": backend, "strategy": strategy or "-",
                     "exact? (passed/run)": exact_cell(figures), "worst against its oracle": worst_cell(figures),
                     "what it buys": bought, "measured on": measured_on,
-                    "details": f"[{opt.suite}]({opt.suite}.md)" if opt.suite in pages else NA,
+                    "details": ", ".join(f"[{page}]({page}.md)" for page in opt.pages if page in pages) or NA,
                 })
     columns = ["machine", "optimization", "backend", "strategy", "exact? (passed/run)", "worst against its oracle",
                "what it buys", "measured on", "details"]
