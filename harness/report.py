@@ -159,6 +159,12 @@ def reproduce_command(suite: str, tier: str, backends) -> str:
             "&& python -m harness report")
 
 
+def latest(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """The latest record for each combination of `keys`: where two runs measured the same thing under settings the
+    keys leave out (a kernel timed under two session models, with other thread counts), the newer run is shown."""
+    return frame.sort_values("time", kind="stable").drop_duplicates(keys, keep="last")
+
+
 def per_machine(rows: pd.DataFrame, keys: list[str], values: list[str]) -> pd.DataFrame:
     """One row per `keys`: a column per machine for a value where the machines' figures differ, one column where
     they agree (or when the records come from one machine)."""

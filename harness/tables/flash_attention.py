@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from harness.plots import figure, growth_exponent
-from harness.report import Table, table
+from harness.report import Table, latest, table
 
 RULE_K = 2  # the oracle rule the suite asserts: error <= 2 x the plain path's error
 FIT_FROM = 1024  # fit growth on N >= this: every flash tile is full size there, so the constant is constant
@@ -55,6 +55,7 @@ def time_and_memory(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
         return []
     bench = frame[(frame["tier"] == "bench") & (frame["outcome"] == "passed")].copy()
     bench = bench.rename(columns={"param.seq_len": "N", "param.batch": "batch"}).astype({"N": int, "batch": int})
+    bench = latest(bench, ["machine", "backend", "attention", "batch", "N"])
     bench["ms"] = bench["metric.median_s"] * 1e3
     bench["MiB"] = bench["metric.extra_peak_bytes"] / 2**20
     keys = _keys(bench, ["backend", "batch", "N"])

@@ -7,7 +7,7 @@ import pandas as pd
 
 from harness import kv_calc
 from harness.plots import growth_exponent
-from harness.tables.headline import speed_gain
+from harness.tables.headline import attention_timings, speed_gain
 from harness.report import Table, exactness_figures, format_number, format_percent, format_ratio, is_missing
 
 HOLDS, CORRECTED, NOT_HERE = "holds", "corrected", "does not hold here"
@@ -126,8 +126,7 @@ def exactness(select):
 
 
 def flash_speed(frame: pd.DataFrame) -> tuple[str, str]:
-    bench = _passed(frame, "flash_attention", "test_attention_time_and_memory")
-    bench = bench[bench["param.batch"] == bench["param.batch"].min()] if len(bench) else bench
+    bench = attention_timings(frame)
     times = bench.pivot_table(index="param.seq_len", columns="attention", values="metric.median_s") \
         if len(bench) else None
     if times is None or not {"naive", "flash"} <= set(times.columns):
