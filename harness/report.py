@@ -151,6 +151,15 @@ def records_frame(records: list[Record]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+BASE_COLUMNS = ["suite", "tier", "test", "function", "backend", "model", "outcome", "reason", "machine", "commit", "time"]
+
+
+def drop_empty(frame: pd.DataFrame) -> pd.DataFrame:
+    """Without the strategy, parameter and metric columns no record of `frame` fills (other suites' columns)."""
+    empty = [c for c in frame.columns if c not in BASE_COLUMNS and frame[c].isna().all()]
+    return frame.drop(columns=empty)
+
+
 def reproduce_command(suite: str, tier: str, backends) -> str:
     """The one command that re-runs a suite's tier on these backends and regenerates the tables."""
     marker = f'"{tier}"' if " " in tier else tier
@@ -202,6 +211,13 @@ OUTCOME_MARKS = {"passed": "pass", "failed": "FAIL", "skipped": "n/a", "xfailed"
 STRATEGY_KEYS = ["quant", "param.dtype", "attention"]  # a kernel test's dtype is its precision strategy
 # errors of the oracle's own yardstick (the plain low-precision path), not of the path under test
 YARDSTICK_ERRORS = {"metric.plain_error", "metric.recompute_error"}
+
+
+def distinct_checks(checks: pd.DataFrame) -> pd.DataFrame:
+    """Exactness records with one record per check: the same test id run again (under another --model it does not
+    use, as the kernel tests do) with the same outcome and figures is the same check, counted once."""
+    same = ["machine", "test", "outcome"] + [c for c in checks if c.startswith("metric.")]
+    return checks.sort_values("time", kind="stable").drop_duplicates(same, keep="last").sort_index()
 
 
 def ratio_metrics(frame: pd.DataFrame) -> list[str]:
@@ -358,11 +374,11 @@ def suite_tables(suite: str, frame: pd.DataFrame, results_dir: Path) -> list[Tab
     from . import tables  # noqa: F401  (imports register the suite-specific table functions)
 
     out = []
-    checks = frame[frame["tier"] == "exactness"]
+    checks = distinct_checks(frame[frame["tier"] == "exactness"])
     if len(checks):
-        checks = checks.dropna(axis=1, how="all")
-        out.append(exactness_summary(checks, suite))
-        out.extend(outcome_details(checks, suite))
+        out.append(exactness_summary(drop_empty(checks), suite))
+        out.extend(outcome_details(drop_empty(checks), suite))
+    frame = pd.concat([checks, frame[frame["tier"] != "exactness"]])  # each check once for the suite's tables too
     tiers = " or ".join(sorted(frame["tier"].unique()))
     for fn in _TABLES.get(suite, []):
         for made in fn(frame, results_dir):
@@ -391,7 +407,7 @@ def write_pages(results_dir: Path, records: list[Record]) -> list[Path]:
     frame = records_frame(records)
     written = []
     for suite, suite_frame in frame.groupby("suite", sort=True):
-        tables = suite_tables(suite, suite_frame.dropna(axis=1, how="all"), results_dir)
+        tables = suite_tables(suite, drop_empty(suite_frame), results_dir)
         header = (f"# {suite}\n\nGenerated from the records (results/records/) by `python -m harness report` "
                   f"({provenance(suite_frame)}). Back to the [headline](README.md).\n\n")
         path = results_dir / f"{suite}.md"

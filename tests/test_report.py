@@ -92,6 +92,17 @@ def test_exactness_summary_counts_outcomes_and_keeps_the_worst_ratio():
     assert "Reproduce: `python -m pytest suites/test_kv_cache.py -m exactness --backend onnxrt --backend torch" in text
 
 
+def test_the_same_check_run_under_two_session_models_counts_once(tmp_path):
+    kernel = [make("test_head_dims[torch-flash-64]", suite="flash_attention", model=model, strategy={"attention": "flash"},
+                   metrics={"error_ratio": 1.2}) for model in ("default-target", "tiny-random")]
+    model_level = [make("test_logits[torch-flash]", suite="flash_attention", model=model, strategy={"attention": "flash"},
+                        metrics={"error_ratio": ratio}) for model, ratio in (("default-target", 1.1), ("other", 1.3))]
+    write_pages(tmp_path, kernel + model_level)
+    [summary_row] = [line for line in (tmp_path / "flash_attention.md").read_text().splitlines()
+                     if line.startswith("| torch ")][:1]
+    assert re.match(r"\| torch +\| flash +\| +3 \| +3 \|", summary_row), summary_row
+
+
 def test_a_parameter_such_as_k_spreads_across_columns():
     records = [make(f"test_greedy[{draft}-{k}]", suite="speculative", params={"draft": draft, "k": k},
                     outcome="failed" if (draft, k) == ("b", 10) else "passed")

@@ -25,13 +25,14 @@ def _keys(frame: pd.DataFrame, keys: list[str]) -> list[str]:
 def error_ratios(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
     if "metric.error_ratio" not in frame:
         return []
-    checks = frame[(frame["tier"] == "exactness") & frame["metric.error_ratio"].notna()].copy()
+    checks = frame[(frame["tier"] == "exactness") & frame["metric.error_ratio"].notna()]
+    checks = checks.reindex(columns=checks.columns.union(["param.dtype", "quant", "attention"], sort=False))
     kernel_level = checks["function"] != "test_model_logits_match_naive"
     checks["level"] = np.where(kernel_level, "kernel", "model")
     # the kernel tests name their precision; the model test runs under a quantization strategy
-    checks["precision"] = checks["param.dtype"].fillna(checks["quant"]) if "quant" in checks else checks["param.dtype"]
+    checks["precision"] = checks["param.dtype"].fillna(checks["quant"])
     # test_flash_block_sizes runs the torch flash kernel itself, at tile sizes 16 to 256
-    checks["attention"] = checks["attention"].fillna(TILES_ROW) if "attention" in checks else TILES_ROW
+    checks["attention"] = checks["attention"].fillna(TILES_ROW)
     checks["backend"] = checks["backend"].fillna("torch")
     keys = _keys(checks, ["backend", "attention", "level", "precision"])
     summary = checks.groupby(keys, sort=True).agg(

@@ -7,7 +7,7 @@ from typing import Callable
 
 import pandas as pd
 
-from harness.report import (Table, exactness_figures, format_error, format_percent, format_ratio, is_missing,
+from harness.report import (Table, distinct_checks, exactness_figures, format_error, format_percent, format_ratio, is_missing,
                             latest, per_machine, provenance)
 
 NA = "n/a"
@@ -207,7 +207,7 @@ def worst_cell(figures: dict) -> str:
 
 
 def headline_rows(frame: pd.DataFrame, pages: set[str]) -> pd.DataFrame:
-    checks_all = frame[frame["tier"] == "exactness"]
+    checks_all = distinct_checks(frame[frame["tier"] == "exactness"])
     rows = []
     for machine, on_machine in frame.groupby("machine", sort=True):
         checks_machine = checks_all[checks_all["machine"] == machine]

@@ -8,7 +8,7 @@ import pandas as pd
 from harness import kv_calc
 from harness.plots import growth_exponent
 from harness.tables.headline import attention_timings, speed_gain
-from harness.report import Table, exactness_figures, format_number, format_percent, format_ratio, is_missing
+from harness.report import Table, distinct_checks, exactness_figures, format_number, format_percent, format_ratio, is_missing
 
 HOLDS, CORRECTED, NOT_HERE = "holds", "corrected", "does not hold here"
 CONSTANT_PER_TOKEN = 1.5  # "roughly constant": the slowest per-token time within 1.5x the fastest
@@ -114,7 +114,7 @@ def speculative_speed(frame: pd.DataFrame) -> tuple[str, str]:
 
 def exactness(select):
     def measure(frame: pd.DataFrame) -> tuple[str, str]:
-        checks = select(frame[frame["tier"] == "exactness"])
+        checks = select(distinct_checks(frame[frame["tier"] == "exactness"]))
         if not len(checks):
             return "n/a (no exactness records)", "n/a"
         f = exactness_figures(checks)
