@@ -69,7 +69,7 @@ def format_number(x: object) -> str:
 
 FORMATS: dict[str, Callable[[float], str]] = {
     "bytes": format_bytes, "ratio": format_ratio, "error": format_error, "percent": format_percent,
-    "number": format_number, "pvalue": lambda p: _significant(p, 2), "seconds": lambda s: _significant(s), "ms": lambda ms: _significant(ms, 3),
+    "number": format_number, "pvalue": lambda p: _significant(p, 2),
 }
 MISSING = "n/a"
 
@@ -151,7 +151,8 @@ def records_frame(records: list[Record]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-BASE_COLUMNS = ["suite", "tier", "test", "function", "backend", "model", "outcome", "reason", "machine", "commit", "time"]
+BASE_COLUMNS = ["suite", "tier", "test", "function", "backend", "model", "outcome", "reason", "machine", "commit",
+                "time"]
 
 
 def drop_empty(frame: pd.DataFrame) -> pd.DataFrame:

@@ -28,7 +28,8 @@ def differences(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
     tables = []
     logits = _rows(frame, "test_fp32_logits_match_reference", LOGITS)
     if len(logits):
-        tables.append(Table("fp32 logits against the reference backend (bound 1e-4)", logits, formats=ERRORS, notes=["A left-padded batch of 3 prompts (5, 11, 2 tokens) prefilled into an empty cache, "
+        tables.append(Table("fp32 logits against the reference backend (bound 1e-4)", logits, formats=ERRORS, notes=[
+                            "A left-padded batch of 3 prompts (5, 11, 2 tokens) prefilled into an empty cache, "
                              "then a 3-token chunk and 5 single tokens at explicit positions; real tokens only."]))
     greedy = _rows(frame, "test_greedy_decoding_matches_reference", GREEDY)
     if len(greedy):
@@ -40,6 +41,7 @@ def differences(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
                             "(fp32 tokens must all be identical)"))
     oracle = _rows(frame, "test_low_precision_logits_by_the_oracle", ORACLE)
     if len(oracle):
-        tables.append(Table("Low precision by the oracle", oracle, formats=ERRORS, notes=["The backend's max abs Δlogit against the fp32 reference, beside the reference backend's "
+        tables.append(Table("Low precision by the oracle", oracle, formats=ERRORS, notes=[
+                            "The backend's max abs Δlogit against the fp32 reference, beside the reference backend's "
                              "own error in the same precision; the rule allows at most 2x."]))
     return tables

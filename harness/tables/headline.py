@@ -7,8 +7,8 @@ from typing import Callable
 
 import pandas as pd
 
-from harness.report import (Table, distinct_checks, exactness_figures, format_error, format_percent, format_ratio, is_missing,
-                            latest, per_machine, provenance)
+from harness.report import (Table, distinct_checks, exactness_figures, format_error, format_percent, format_ratio,
+                            is_missing, latest, per_machine, provenance)
 
 NA = "n/a"
 
@@ -170,10 +170,13 @@ OPTIMIZATIONS = (
     Optimization("KV cache", ("kv_cache",), _suite("kv_cache"), "", cache_speedup),
     Optimization("Attention kernel", ("flash_attention",), _attention, "attention", attention_speedup),
     Optimization("Speculative decoding", ("speculative",), _suite("speculative"), "", speculative_speedup),
-    Optimization("Cross-backend (vs the torch reference)", ("cross_backend", "backend_speed"), _suite("cross_backend"), "", backend_speedup),
-    Optimization("Cross-implementation (vs transformers)", ("cross_implementation",), _suite("cross_implementation"), "",
+    Optimization("Cross-backend (vs the torch reference)", ("cross_backend", "backend_speed"),
+                 _suite("cross_backend"), "", backend_speedup),
+    Optimization("Cross-implementation (vs transformers)", ("cross_implementation",), _suite("cross_implementation"),
+                 "",
                  nothing_bought),
-    Optimization("Quantization", ("backend_speed", "onnx_export", "cross_backend", "kv_cache"), _quantized, "quant", quantization_gain),
+    Optimization("Quantization", ("backend_speed", "onnx_export", "cross_backend", "kv_cache"), _quantized, "quant",
+                 quantization_gain),
 )
 
 

@@ -58,8 +58,9 @@ def measured_figures(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
         if "metric.ratio" in frame else frame.iloc[:0]
     if len(oracle):
         rows = oracle.reindex(columns=["backend", "model", "quant", "metric.cached_error", "metric.recompute_error",
-                                       "metric.ratio", "outcome"]).rename(columns={"metric.cached_error": "cached error", "metric.recompute_error":
-                                                   "recompute error", "metric.ratio": "ratio (limit 2)"})
+                                       "metric.ratio", "outcome"]).rename(columns={
+            "metric.cached_error": "cached error", "metric.recompute_error": "recompute error",
+            "metric.ratio": "ratio (limit 2)"})
         # fp32's recompute path is exact (error 0): no ratio, it is judged by a bound
         rows["ratio (limit 2)"] = rows["ratio (limit 2)"].where(rows["ratio (limit 2)"].map(math.isfinite))
         tables.append(Table("Cached decode in low precision against fp32 recompute (the oracle rule: ratio <= 2)",

@@ -29,7 +29,8 @@ def heldout_quality(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
     figures = {backend: group.reindex(columns=list(COLUMNS)).sort_values("model").round(4).to_numpy().tolist()
                for backend, group in measured.groupby("backend")}
     same = len({repr(f) for f in figures.values()}) == 1
-    groups = [(", ".join(sorted(figures)), measured.drop_duplicates("model"))] if same else list(measured.groupby("backend"))
+    groups = [(", ".join(sorted(figures)), measured.drop_duplicates("model"))] if same \
+        else list(measured.groupby("backend"))
     tables = []
     for backends, group in groups:
         rows = group.reindex(columns=list(COLUMNS)).rename(columns=COLUMNS).reset_index(drop=True)

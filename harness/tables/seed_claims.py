@@ -8,7 +8,8 @@ import pandas as pd
 from harness import kv_calc
 from harness.plots import growth_exponent
 from harness.tables.headline import attention_timings, speed_gain
-from harness.report import Table, distinct_checks, exactness_figures, format_number, format_percent, format_ratio, is_missing
+from harness.report import (Table, distinct_checks, exactness_figures, format_number, format_percent, format_ratio,
+                            is_missing)
 
 HOLDS, CORRECTED, NOT_HERE = "holds", "corrected", "does not hold here"
 CONSTANT_PER_TOKEN = 1.5  # "roughly constant": the slowest per-token time within 1.5x the fastest
@@ -120,7 +121,8 @@ def exactness(select):
         f = exactness_figures(checks)
         text = f"{f['passed']}/{f['passed'] + f['failed']} checks passed"
         if not is_missing(f["worst_ratio"]):
-            text += f"; worst error ratio {format_ratio(f['worst_ratio'])} against the plain path (limit 2, not bitwise)"
+            text += (f"; worst error ratio {format_ratio(f['worst_ratio'])} against the plain path "
+                     "(limit 2, not bitwise)")
         return text, HOLDS if not f["failed"] else NOT_HERE
     return measure
 
