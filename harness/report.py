@@ -307,17 +307,21 @@ def _sort_key(value: object) -> tuple:
     return (1, 0, str(value))
 
 
+MAX_COLUMNS = 8  # a parameter with more values than this stays in the rows
+
+
 def _spread_parameter(group: pd.DataFrame, keys: list[str]) -> str | None:
-    """The parameter to spread across columns: one whose every value occurs with every other combination (no
-    holes), the one with the most values; None when each would leave holes (parameters varied in pairs)."""
-    best = None
+    """The parameter to spread across columns (k, N, the position encoding...): one whose every value occurs with
+    every other combination (no holes), the one with the most values up to MAX_COLUMNS; None when each would leave
+    holes (parameters varied in pairs) or make the table too wide."""
+    complete = []
     for column in (k for k in keys if k.startswith("param.")):
         others = [k for k in keys if k != column]
         combinations = len(group[others].drop_duplicates()) if others else 1
-        complete = combinations * group[column].nunique() == len(group.drop_duplicates(keys))
-        if complete and (best is None or group[column].nunique() > group[best].nunique()):
-            best = column
-    return best
+        values = group[column].nunique()
+        if combinations * values == len(group.drop_duplicates(keys)) and values <= MAX_COLUMNS:
+            complete.append(column)
+    return max(complete, key=lambda column: group[column].nunique(), default=None)
 
 
 def outcome_details(checks: pd.DataFrame, suite: str) -> list[Table]:
