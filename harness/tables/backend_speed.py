@@ -2,9 +2,11 @@
 (measured side by side in the same test), the absolute tokens/s beside them, and a plot of the ratios."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.ticker import NullFormatter
 
 from harness.plots import figure
 from harness.report import Table, table
@@ -22,6 +24,11 @@ def _plot(ratios: pd.DataFrame, title: str, path: Path) -> None:
         ax.set_yticks([i + 0.4 - height / 2 for i in range(len(labels))], labels, fontsize=8)
         ax.axvline(1.0, color="grey", linewidth=0.8)
         ax.set_xscale("log")
+        # ratios read as 0.5x, 1x, 2x: labelled powers of two, no crowded minor labels
+        low, high = ratios[columns].min().min(), ratios[columns].max().max()
+        ticks = [2.0 ** e for e in range(math.floor(math.log2(low)), math.ceil(math.log2(high)) + 1)]
+        ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("tokens/s relative to torch fp32 (log scale)")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
@@ -49,8 +56,9 @@ def speed_ratios(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
         _plot(ratios, f"{model}: tokens/s relative to torch fp32, same run", results_dir / plot)
         notes = [f"Ratio = the row's tokens/s over torch fp32's, both timed alternately within the same test "
                  f"(median of the timed rounds after a warm-up round). Prefill: {prompt} tokens per row in one call; "
-                 f"decode: {decode} single-token calls after the prompt; bN = batch of N rows. "
-                 "Cells absent from the records are left empty."]
-        tables.append(Table(f"Speed relative to torch fp32: {model}", ratios, notes, plot))
-        tables.append(Table(f"Tokens/s: {model} (absolute, on the machine named above)", absolute))
+                 f"decode: {decode} single-token calls after the prompt; bN = batch of N rows."]
+        missing = "no record of this strategy at this phase and batch"
+        tables.append(Table(f"Speed relative to torch fp32: {model}", ratios, notes, plot, missing=missing,
+                            formats={c: "ratio" for c in ratios.columns if c not in ("backend", "strategy")}))
+        tables.append(Table(f"Tokens/s: {model} (absolute, on the machine named above)", absolute, missing=missing))
     return tables

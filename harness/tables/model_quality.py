@@ -10,7 +10,7 @@ from harness.report import Table, table
 COLUMNS = {
     "model": "model",
     "metric.parameters": "parameters",
-    "metric.weights_bytes": "weights (bytes)",
+    "metric.weights_bytes": "weights",
     "metric.train_wall_s": "training wall (s)",
     "metric.train_cpu_s": "training CPU (s)",
     "metric.ppl": "held-out PPL",
@@ -25,10 +25,19 @@ def heldout_quality(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
     measured = frame[(frame["function"] == "test_heldout_quality") & (frame["outcome"] == "passed")]
     if not len(measured):
         return []
+    # one table when every backend measured the same figures (fp32 on the same weights), one per backend otherwise
+    figures = {backend: group.reindex(columns=list(COLUMNS)).sort_values("model").round(4).to_numpy().tolist()
+               for backend, group in measured.groupby("backend")}
+    same = len({repr(f) for f in figures.values()}) == 1
+    groups = [(", ".join(sorted(figures)), measured.drop_duplicates("model"))] if same \
+        else list(measured.groupby("backend"))
     tables = []
-    for backend, group in measured.groupby("backend"):
+    for backends, group in groups:
         rows = group.reindex(columns=list(COLUMNS)).rename(columns=COLUMNS).reset_index(drop=True)
         rows["parameters"] = rows["parameters"].map(lambda n: f"{n / 1e6:.2f}M")
+        target = rows["model"] == "default-target"
+        for column in ("same top-1 as target", "top-1 ±"):
+            rows[column] = rows[column].astype(object).where(~target, "(the target)")
         first = group.iloc[0]
         notes = [
             f"Held-out set: {int(first['metric.heldout_tokens']):,} tokens of this Python's standard library and pydoc "
@@ -40,5 +49,7 @@ def heldout_quality(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
             "Training times are from each model's training.log (fixed step counts; the 2-core machine was shared, "
             "so CPU seconds are the steadier figure).",
         ]
-        tables.append(Table(f"Embedded models on held-out text ({backend}, fp32)", rows, notes))
+        tables.append(Table(f"Embedded models on held-out text ({backends}, fp32)", rows, notes,
+                            formats={"weights": "bytes", "same top-1 as target": "percent", "top-1 ±": "percent"},
+                            missing="the model's training.log gives no training CPU time"))
     return tables

@@ -63,7 +63,9 @@ def speedup_against_theory(frame: pd.DataFrame, results_dir: Path) -> list[Table
             "Speedups are ratios of medians of alternated runs (target alone, then speculative) after one warm-up.",
             "Best k per draft: " + "; ".join(f"{r.draft} k={r.k}: {r.speedup:.2f}x" for r in best.itertuples()) + ".",
         ]
-        tables.append(Table(f"Speedup over the target alone: {backend}, {model}", rows, notes, plot))
+        tables.append(Table(f"Speedup over the target alone: {backend}, {model}", rows, notes, plot, formats={
+            "acceptance a": "percent", "speedup": "ratio", "predicted": "ratio", "predicted with v": "ratio"},
+            missing="an older record without this metric"))
     return tables
 
 
@@ -82,4 +84,4 @@ def sampler_statistics(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
     }).sort_values(["check", "backend", "draft"]).reset_index(drop=True)
     notes = ["Chi-square goodness of fit at significance 1e-4 (cells expected fewer than 5 times pooled); "
              "a test fails when a p-value falls below 1e-4. Fixed seeds: the same p-values every run."]
-    return [Table("Sampler statistics", rows, notes)]
+    return [Table("Sampler statistics", rows, notes, formats={"smallest p-value": "pvalue"})]
