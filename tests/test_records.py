@@ -129,3 +129,18 @@ def test_a_run_file_is_never_reopened_for_writing(tmp_path):
     with pytest.raises(FileExistsError):
         RunWriter(tmp_path, "run", {}).append(record("t"))
     assert len(Path(tmp_path / "run.jsonl").read_text().splitlines()) == 2
+
+
+def test_two_machines_runs_merge_into_one_report_with_a_column_each(tmp_path):
+    from .test_report import kv_cache_records
+
+    records_dir = tmp_path / "results" / "records"
+    records_dir.mkdir(parents=True)
+    for name, machine, slowdown in (("shard-a", {"id": "box-a x2"}, 1.0), ("shard-b", {"id": "box-b x8"}, 2.0)):
+        writer = RunWriter(records_dir, name, {"machine": machine})
+        for each in kv_cache_records(machine=machine, slowdown=slowdown):
+            writer.append(each)
+        writer.close()
+    assert harness_main(["report", "--results-dir", str(tmp_path / "results")]) == 0
+    readme = (tmp_path / "results" / "README.md").read_text()
+    assert "what it buys (box-a x2)" in readme and "what it buys (box-b x8)" in readme
