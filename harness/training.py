@@ -45,6 +45,7 @@ LOG_FILE = "training.log"
 class TrainingError(ValueError):
     """A tokenizer, teacher or training state training cannot use; the message names it and what is accepted."""
 
+
 # ~12M parameters: Llama-style (RMSNorm, RoPE, GQA 6 query heads over 2 KV heads, SwiGLU)
 TARGET = ModelConfig(vocab_size=VOCAB_SIZE, d_model=384, n_layers=6, n_heads=6, n_kv_heads=2, d_ff=1024,
                      max_position_embeddings=CONTEXT)
