@@ -301,6 +301,8 @@ def _positive_int(text: str) -> int:
 
 def _directory(text: str) -> Path:
     path = Path(text)
+    if not text:  # Path("") would be the current directory
+        raise argparse.ArgumentTypeError("'' is empty; accepted: a directory (new or existing)")
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a file; accepted: a directory (new or existing)")
     return path

@@ -281,6 +281,13 @@ def test_publish_never_overwrites_another_file(tmp_path, capsys):
     assert notes.read_text() == "my notes\n" and sorted(tmp_path.iterdir()) == [notes]
 
 
+def test_publish_to_an_empty_path_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # Path("") would be the current directory
+    assert main_kv_calc(["--publish", ""]) == 2
+    assert "argument --publish: '' is empty; accepted: a results directory" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_publish_has_the_default_context_lengths(tmp_path, capsys):
     assert main_kv_calc(["--context", "32K", "--publish", str(tmp_path)]) == 2
     assert "--context and --publish: the published table has the default context lengths (4K and 128K)" \

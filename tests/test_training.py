@@ -146,12 +146,16 @@ def test_missing_tokenizer_and_teacher_are_one_line_errors(tiny_training, tmp_pa
 def test_out_and_work_dir_must_be_directories(tiny_training, tmp_path, capsys):
     a_file = tmp_path / "a-file"
     a_file.write_text("kept")
-    for argv in (["target", "--out", str(a_file)], ["target", "--out", str(tiny_training), "--work-dir", str(a_file)]):
+    before = _files(tmp_path)
+    for option, value, expected in [("--out", str(a_file), f"{str(a_file)!r} is a file; accepted: a directory"),
+                                    ("--work-dir", str(a_file), f"{str(a_file)!r} is a file; accepted: a directory"),
+                                    ("--out", "", "'' is empty; accepted: a directory"),
+                                    ("--work-dir", "", "'' is empty; accepted: a directory")]:
         with pytest.raises(SystemExit) as stop:
-            training.main_train(argv)
+            training.main_train(["target", "--out", str(tiny_training), option, value])
         assert stop.value.code == 2
-        assert f"{str(a_file)!r} is a file; accepted: a directory" in capsys.readouterr().err.splitlines()[-1]
-    assert a_file.read_text() == "kept"
+        assert f"argument {option}: {expected}" in capsys.readouterr().err.splitlines()[-1]
+    assert _files(tmp_path) == before
 
 
 def test_training_state_is_checked_before_anything_is_written(tiny_training, tmp_path, capsys):
