@@ -5,7 +5,8 @@ parameter count x bytes per parameter, the count computed from the architecture.
 MB = 1e6 bytes (as the seed quotes them); 4K and 128K tokens are 4,096 and 131,072.
 
 `python -m harness kv-calc NAME_OR_CONFIG_JSON` prints one model; `--all` (or no argument) every named model
-and the seed's claims; `--publish RESULTS_DIR` also writes RESULTS_DIR/kv_calc.md.
+and the seed's claims; `--context 32K` sets the context lengths of the KV columns (repeatable; default 4K and
+128K); `--publish RESULTS_DIR` also writes RESULTS_DIR/kv_calc.md (or regenerates the .md file it names).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 BITS = {"fp32": 32, "fp16/bf16": 16, "int8": 8, "int4": 4}
-CONTEXTS = {"4K": 4096, "128K": 131072}
+CONTEXTS = {"4K": 4096, "128K": 131072}  # the KV columns' context lengths unless --context is given
 SEED = "shared/seed/000_f5258716dac19bae.txt"  # the project's seed document, relative to the workplace root
 
 
@@ -149,7 +150,24 @@ def _int(hf: dict, source: str, *keys: str, default: int | None = None) -> int:
     return default
 
 
+def _head_dim(d_model: int, n_heads: int, source: str, alternative: str = "") -> int:
+    """The hidden size split over the heads, for configs that do not state head_dim."""
+    if d_model % n_heads:
+        raise KvCalcError(f"{source}: hidden size {d_model} is not divisible by {n_heads} attention heads; "
+                          f"accepted: a multiple of the head count{alternative}")
+    return d_model // n_heads
+
+
 def arch_from_hf(hf: dict, source: str) -> Arch:
+    """The architecture a config.json describes, refused when its KV heads do not group its query heads."""
+    arch = _family_arch(hf, source)
+    if arch.n_heads % arch.n_kv_heads:
+        raise KvCalcError(f"{source}: {arch.n_heads} attention heads over {arch.n_kv_heads} KV heads; accepted: "
+                          f"a KV head count that divides the attention heads (each KV head serves a whole group)")
+    return arch
+
+
+def _family_arch(hf: dict, source: str) -> Arch:
     """The few keys each family's config.json needs (defaults as in transformers' config classes)."""
     family = hf.get("model_type")
     if family not in FAMILIES:
@@ -157,7 +175,7 @@ def arch_from_hf(hf: dict, source: str) -> Arch:
     name = Path(source).parent.name or source
     if family == "gpt2":
         d, n_heads = _int(hf, source, "n_embd"), _int(hf, source, "n_head")
-        return Arch(name, _int(hf, source, "n_layer"), d, n_heads, n_heads, d // n_heads,
+        return Arch(name, _int(hf, source, "n_layer"), d, n_heads, n_heads, _head_dim(d, n_heads, source),
                     _int(hf, source, "n_inner", default=4 * d), _int(hf, source, "vocab_size"),
                     bool(hf.get("tie_word_embeddings", True)), "gelu", "learned",
                     _int(hf, source, "n_positions"), "layernorm", qkv_bias=True, o_bias=True, mlp_bias=True)
@@ -174,13 +192,16 @@ def arch_from_hf(hf: dict, source: str) -> Arch:
             n_kv = 1 if hf.get("multi_query", True) else n_heads
             norms = 1 if hf.get("parallel_attn", True) else 2
         bias = bool(hf.get("bias", False))
-        return Arch(name, n_layers, d, n_heads, n_kv, d // n_heads, _int(hf, source, "ffn_hidden_size", default=4 * d),
+        return Arch(name, n_layers, d, n_heads, n_kv, _head_dim(d, n_heads, source),
+                    _int(hf, source, "ffn_hidden_size", default=4 * d),
                     vocab, bool(hf.get("tie_word_embeddings", True)), "gelu", "alibi" if hf.get("alibi") else "rope",
                     _int(hf, source, "max_position_embeddings", default=2048), "layernorm", norms_per_layer=norms,
                     qkv_bias=bias, o_bias=bias, mlp_bias=bias)
     attention_bias = bool(hf.get("attention_bias", False))
+    head_dim = (_int(hf, source, "head_dim") if hf.get("head_dim") is not None
+                else _head_dim(d, n_heads, source, ", or an explicit head_dim"))
     return Arch(name, n_layers, d, n_heads, _int(hf, source, "num_key_value_heads", default=n_heads),
-                _int(hf, source, "head_dim", default=d // n_heads), _int(hf, source, "intermediate_size"), vocab,
+                head_dim, _int(hf, source, "intermediate_size"), vocab,
                 bool(hf.get("tie_word_embeddings", False)), "swiglu", "rope",
                 _int(hf, source, "max_position_embeddings", default=2048), "rmsnorm",
                 qkv_bias=attention_bias or family == "qwen2",  # Qwen2 always has q/k/v biases
@@ -231,12 +252,12 @@ def architecture_table(archs: list[Arch]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def memory_table(archs: list[Arch]) -> pd.DataFrame:
+def memory_table(archs: list[Arch], contexts: dict[str, int] = CONTEXTS) -> pd.DataFrame:
     rows = []
     for a in archs:
         for dtype, bits in BITS.items():
             row = {"model": a.name, "dtype": dtype, "KV bytes/token": kv_bytes_per_token(a, bits)}
-            row |= {f"KV {label} (GB)": kv_bytes(a, tokens, bits) / 1e9 for label, tokens in CONTEXTS.items()}
+            row |= {f"KV {label} (GB)": kv_bytes(a, tokens, bits) / 1e9 for label, tokens in contexts.items()}
             row["weights (GB)"] = weight_bytes(a, bits) / 1e9
             rows.append(row)
     return pd.DataFrame(rows)
@@ -340,7 +361,7 @@ def _markdown(frame: pd.DataFrame) -> str:
     return cells.to_markdown(index=False, floatfmt=".4g", missingval="")
 
 
-def render(archs: list[Arch], with_claims: bool) -> str:
+def render(archs: list[Arch], with_claims: bool, contexts: dict[str, int] = CONTEXTS) -> str:
     parts = [
         "## Architectures and parameter counts", "",
         _markdown(architecture_table(archs)), "",
@@ -348,7 +369,7 @@ def render(archs: list[Arch], with_claims: bool) -> str:
         "KV bytes/token = 2 x layers x KV heads x head dim x bytes per element; one sequence; GB = 1e9 bytes. "
         "Weights: every parameter at the dtype, without int8/int4 scales. A model with a sliding window "
         "caches at most that many tokens.", "",
-        _markdown(memory_table(archs)), "",
+        _markdown(memory_table(archs, contexts)), "",
     ]
     if with_claims:
         parts += [
@@ -360,17 +381,64 @@ def render(archs: list[Arch], with_claims: bool) -> str:
     return "\n".join(parts)
 
 
-def publish(results_dir: Path) -> Path:
-    """Write results_dir/kv_calc.md for every named model and the seed's claims (temporary file, then rename)."""
-    results_dir.mkdir(parents=True, exist_ok=True)
-    target = results_dir / "kv_calc.md"
-    text = ("# KV-cache and weights calculator\n\nGenerated by `python -m harness kv-calc --all --publish "
-            "RESULTS_DIR`; do not edit by hand.\n\n" + render(list(NAMED.values()), with_claims=True))
-    with tempfile.NamedTemporaryFile("w", dir=results_dir, suffix=".tmp", delete=False) as handle:
-        handle.write(text)
-    os.chmod(handle.name, 0o644)  # a published table, readable like any file in the repository
-    os.replace(handle.name, target)
+TITLE = "# KV-cache and weights calculator"
+
+
+def publish_path(destination: Path) -> Path:
+    """The file --publish writes: DESTINATION/kv_calc.md for a directory (existing, or a new path without .md),
+    else DESTINATION itself. An existing file is regenerated only if it is a kv-calc table: nothing else is
+    overwritten."""
+    if destination.is_dir() or (not destination.exists() and destination.suffix != ".md"):
+        return destination / "kv_calc.md"
+    if destination.exists():
+        try:
+            with destination.open("rb") as handle:
+                first_line = handle.readline().rstrip(b"\n")
+        except OSError as error:
+            raise KvCalcError(f"{destination}: unreadable ({error.strerror})") from None
+        if first_line != TITLE.encode():
+            raise KvCalcError(f"{destination}: exists and is not a kv-calc table, so it is not overwritten; "
+                              "accepted: a results directory, a new .md file, or an earlier kv-calc table")
+    return destination
+
+
+def publish(destination: Path) -> Path:
+    """Write the table of every named model and the seed's claims to publish_path(destination), atomically
+    (a temporary file beside it, then a rename): a reader sees the old table or the new one, never half."""
+    target = publish_path(destination)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    text = (f"{TITLE}\n\nGenerated by `python -m harness kv-calc --all --publish RESULTS_DIR`; do not edit by "
+            "hand.\n\n" + render(list(NAMED.values()), with_claims=True))
+    handle = tempfile.NamedTemporaryFile("w", dir=target.parent, prefix=f".{target.name}.", suffix=".tmp",
+                                         delete=False)
+    try:
+        with handle:
+            handle.write(text)
+        os.chmod(handle.name, 0o644)  # a published table, readable like any file in the repository
+        os.replace(handle.name, target)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
     return target
+
+
+def publish_destination(text: str) -> Path:
+    if not text:
+        raise argparse.ArgumentTypeError("'' is empty; accepted: a results directory or a .md file")
+    return Path(text)
+
+
+def context_length(text: str) -> int:
+    """A --context value: tokens as a positive integer, or a multiple of 1K = 1,024 tokens ("32K")."""
+    digits, multiplier = (text[:-1], 1024) if text[-1:] in ("K", "k") else (text, 1)
+    if not digits.isdigit() or int(digits) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a context length; accepted: a positive number of "
+                                         "tokens, such as 8192 or 32K (1K = 1,024 tokens)")
+    return int(digits) * multiplier
+
+
+def context_label(tokens: int) -> str:
+    return f"{tokens // 1024}K" if tokens % 1024 == 0 else f"{tokens:,}"
 
 
 def main_kv_calc(argv: list[str]) -> int:
@@ -378,21 +446,34 @@ def main_kv_calc(argv: list[str]) -> int:
     parser.add_argument("model", nargs="?", metavar="NAME_OR_CONFIG_JSON",
                         help=f"one of {', '.join(NAMED)}, or a Hugging Face config.json (default: every named model)")
     parser.add_argument("--all", action="store_true", help="every named model and the seed's claims (the default)")
-    parser.add_argument("--publish", metavar="RESULTS_DIR", type=Path,
-                        help="also write RESULTS_DIR/kv_calc.md for every named model (default: print only)")
+    parser.add_argument("--context", metavar="TOKENS", type=context_length, action="append",
+                        help="a context length for the KV columns, in tokens or K (1,024 tokens); repeatable "
+                             f"(default: {' and '.join(CONTEXTS)})")
+    parser.add_argument("--publish", metavar="RESULTS_DIR", type=publish_destination,
+                        help="also write RESULTS_DIR/kv_calc.md for every named model at the default context "
+                             "lengths, or regenerate the kv-calc .md file named (default: print only)")
     try:
         args = parser.parse_args(argv)
+        if args.model and args.all:
+            parser.error("give a model or --all, not both")
+        if args.context and args.publish:
+            parser.error(f"--context and --publish: the published table has the default context lengths "
+                         f"({' and '.join(CONTEXTS)}); give one or the other")
     except SystemExit as stop:  # argparse has printed usage or help
         return int(stop.code or 0)
-    if args.model and args.all:
-        print("kv-calc: give a model or --all, not both", file=sys.stderr)
-        return 2
+    contexts = {context_label(tokens): tokens for tokens in args.context} if args.context else CONTEXTS
     try:
         archs = [resolve(args.model)] if args.model else list(NAMED.values())
+        destination = publish_path(args.publish) if args.publish else None
     except KvCalcError as error:
         print(f"kv-calc: {error}", file=sys.stderr)
         return 2
-    print(render(archs, with_claims=not args.model))
-    if args.publish:
-        print(f"wrote {publish(args.publish)}")
+    print(render(archs, with_claims=not args.model, contexts=contexts))
+    if destination:
+        try:
+            print(f"wrote {publish(destination)}")
+        except OSError as error:
+            where = f": {error.filename}" if error.filename and error.filename != str(destination) else ""
+            print(f"kv-calc: cannot write {destination} ({error.strerror}{where})", file=sys.stderr)
+            return 2
     return 0

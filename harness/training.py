@@ -8,14 +8,21 @@
 Everything is seeded and the step counts are fixed, so a run is reproducible on the same Python
 (the corpus is its standard library) and torch. Training state is written every `--save-every`
 steps to `.cache/train/<out name>/train-state.safetensors` (safetensors, never a pickle); `--resume` continues from it
-and reaches the same weights as an uninterrupted run, because batch k is drawn from seed + k.
+and reaches the same weights as an uninterrupted run, because batch k is drawn from seed + k. A run without
+`--resume` refuses to overwrite a state, and every input is checked before anything is written; the model's
+files are replaced whole (written aside, then renamed), so an interrupted run never leaves half a model.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
+import shutil
+import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from backends.checkpoint import Checkpoint, ModelConfig, load_checkpoint
+from backends.checkpoint import Checkpoint, CheckpointError, ModelConfig, check_tokenizer, load_checkpoint
 from backends.torch_ref.backend import build_model
 from backends.torch_ref.model import Transformer, full_sequence_context
 from harness import corpus
@@ -33,6 +40,11 @@ CONTEXT = 256  # training window; also the models' max_position_embeddings
 TOKENIZER_FILE = "tokenizer.json"
 STATE_FILE = "train-state.safetensors"
 LOG_FILE = "training.log"
+
+
+class TrainingError(ValueError):
+    """A tokenizer, teacher or training state training cannot use; the message names it and what is accepted."""
+
 
 # ~12M parameters: Llama-style (RMSNorm, RoPE, GQA 6 query heads over 2 KV heads, SwiGLU)
 TARGET = ModelConfig(vocab_size=VOCAB_SIZE, d_model=384, n_layers=6, n_heads=6, n_kv_heads=2, d_ff=1024,
@@ -100,9 +112,22 @@ def encode(tokenizer, docs: list[corpus.Document]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+@contextmanager
+def replacing_files(directory: Path):
+    """Yield a staging directory inside `directory`; on success, move each file written there over its namesake.
+    A save that fails or is killed part-way leaves every earlier file whole (each rename is atomic)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=directory))
+    try:
+        yield staging
+        for file in staging.iterdir():
+            os.replace(file, directory / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def save_tokenizer_files(tokenizer, directory: Path) -> None:
     """tokenizer.json plus the small files transformers' AutoTokenizer reads beside it."""
-    directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(directory / TOKENIZER_FILE))
     eos_id = tokenizer.token_to_id(corpus.EOS)
     (directory / "tokenizer_config.json").write_text(json.dumps(
@@ -146,6 +171,33 @@ def _optimizer(model: Transformer, schedule: Schedule) -> torch.optim.AdamW:
                               {"params": no_decay, "weight_decay": 0.0}], lr=schedule.lr, betas=(0.9, 0.95))
 
 
+def _state_shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
+    """Every tensor _save_state writes for `model`, with its shape."""
+    shapes = {f"model.{k}": tuple(v.shape) for k, v in model.state_dict().items()
+              if k != "lm_head.weight" or not model.config.tie_embeddings}
+    for name, param in model.named_parameters():
+        shapes |= {f"optim.{name}.exp_avg": tuple(param.shape), f"optim.{name}.exp_avg_sq": tuple(param.shape),
+                   f"optim.{name}.step": (1,)}
+    return shapes
+
+
+def state_step(path: Path, model: Transformer) -> int:
+    """The step a saved training state reached, once its tensors are checked to be `model`'s and its optimizer's."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            step = (handle.metadata() or {}).get("step", "")
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except (SafetensorError, OSError) as error:
+        raise TrainingError(f"{path}: not a training state ({str(error).splitlines()[0]}); accepted: a "
+                            f"{STATE_FILE} that training wrote, or delete it to start over") from None
+    if shapes != _state_shapes(model) or not step.isdigit():
+        raise TrainingError(f"{path}: the training state of another model (its tensors or step differ from this "
+                            "model's); accepted: a state of the same model, or delete it to start over")
+    return int(step)
+
+
 def _save_state(path: Path, model: Transformer, optimizer: torch.optim.AdamW, step: int) -> None:
     tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" or not model.config.tie_embeddings}
     names = {id(p): n for n, p in model.named_parameters()}
@@ -159,11 +211,8 @@ def _save_state(path: Path, model: Transformer, optimizer: torch.optim.AdamW, st
 
 
 def _load_state(path: Path, model: Transformer, optimizer: torch.optim.AdamW) -> int:
-    from safetensors import safe_open
-
+    step = state_step(path, model)
     tensors = load_file(str(path))
-    with safe_open(str(path), "pt") as handle:
-        step = int(handle.metadata()["step"])
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
     for name, param in model.named_parameters():
         if f"optim.{name}.exp_avg" in tensors:
@@ -196,6 +245,8 @@ def train(
     work_dir.mkdir(parents=True, exist_ok=True)
     state_path = work_dir / STATE_FILE
     start = _load_state(state_path, model, optimizer) if resume and state_path.exists() else 0
+    if resume and not start:
+        log(f"no training state at {state_path}: starting at step 0")
     model.train()
     began = time.perf_counter()
     for step in range(start, schedule.steps):
@@ -228,60 +279,124 @@ def bf16_checkpoint(name: str, model: Transformer) -> Checkpoint:
 
 def save_model(checkpoint: Checkpoint, tokenizer, directory: Path) -> None:
     """A Hugging Face-format directory: config.json (bf16), model.safetensors, tokenizer and generation config."""
-    checkpoint.save(directory)
-    config_file = directory / "config.json"
-    hf = json.loads(config_file.read_text())
-    hf["torch_dtype"] = "bfloat16"
-    eos_id = tokenizer.token_to_id(corpus.EOS)
-    hf.update(bos_token_id=eos_id, eos_token_id=eos_id)
-    config_file.write_text(json.dumps(hf, indent=2) + "\n")
-    save_tokenizer_files(tokenizer, directory)
+    with replacing_files(directory) as staging:
+        checkpoint.save(staging)
+        config_file = staging / "config.json"
+        hf = json.loads(config_file.read_text())
+        hf["torch_dtype"] = "bfloat16"
+        eos_id = tokenizer.token_to_id(corpus.EOS)
+        hf.update(bos_token_id=eos_id, eos_token_id=eos_id)
+        config_file.write_text(json.dumps(hf, indent=2) + "\n")
+        save_tokenizer_files(tokenizer, staging)
 
 
 # --- the command line ----------------------------------------------------------------------------
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a step count; accepted: a positive integer")
+    return int(text)
+
+
+def _directory(text: str) -> Path:
+    path = Path(text)
+    if not text:  # Path("") would be the current directory
+        raise argparse.ArgumentTypeError("'' is empty; accepted: a directory (new or existing)")
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file; accepted: a directory (new or existing)")
+    return path
+
+
+def _read_tokenizer(directory: Path, config: ModelConfig, accepted: str):
+    """The tokenizer training needs from `directory`, refused in one line when missing or unusable."""
+    path = directory / TOKENIZER_FILE
+    if not path.is_file():
+        raise TrainingError(f"{path}: no such file; {accepted}")
+    try:
+        return check_tokenizer(path, config)
+    except CheckpointError as error:
+        raise TrainingError(str(error)) from None
+
+
 def main_train(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness train", description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["tokenizer", "target", "draft"], help="what to train")
-    parser.add_argument("--out", type=Path, required=True, help="the model directory to write")
+    parser.add_argument("--out", type=_directory, required=True, help="the model directory to write")
     parser.add_argument("--teacher", type=Path, help="draft only: the trained target directory (its tokenizer is reused)")
     parser.add_argument("--no-distill", action="store_true", help="draft only: train on hard next-token labels instead")
-    parser.add_argument("--steps", type=int, help="override the schedule's step count (default: the fixed schedule)")
-    parser.add_argument("--work-dir", type=Path, help="where training state is saved (default: .cache/train/<out name>)")
+    parser.add_argument("--steps", type=_positive_int,
+                        help="override the schedule's step count (default: the fixed schedule)")
+    parser.add_argument("--work-dir", type=_directory,
+                        help="where training state is saved (default: .cache/train/<out name>)")
     parser.add_argument("--resume", action="store_true", help=f"continue from <work-dir>/{STATE_FILE}")
-    parser.add_argument("--save-every", type=int, default=100, help="steps between training-state saves (default 100)")
+    parser.add_argument("--save-every", type=_positive_int, default=100,
+                        help="steps between training-state saves (default 100)")
     args = parser.parse_args(argv)
-
-    if args.what == "tokenizer":
-        save_tokenizer_files(train_tokenizer(), args.out)
-        print(f"wrote {args.out / TOKENIZER_FILE}")
-        return 0
+    if args.what != "draft" and (args.teacher or args.no_distill):
+        parser.error(f"--teacher and --no-distill are for draft only, not {args.what}")
     if args.what == "draft" and args.teacher is None:
         parser.error("draft needs --teacher (the trained target directory)")
-    tokenizer = load_tokenizer(args.teacher if args.what == "draft" else args.out)
-    train_docs, _ = corpus.split(corpus.documents())
-    stream = encode(tokenizer, train_docs)
+    try:
+        return _train_command(args, argv)
+    except TrainingError as error:
+        print(f"python -m harness train: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _train_command(args: argparse.Namespace, argv: list[str]) -> int:
+    """main_train after its arguments are checked: every input is read before anything is written."""
+    if args.what == "tokenizer":
+        tokenizer = train_tokenizer()
+        with replacing_files(args.out) as staging:
+            save_tokenizer_files(tokenizer, staging)
+        print(f"wrote {args.out / TOKENIZER_FILE}")
+        return 0
     config, schedule = (TARGET, TARGET_SCHEDULE) if args.what == "target" else (DRAFT, DRAFT_SCHEDULE)
     if args.steps:
         schedule = Schedule(**{**schedule.__dict__, "steps": args.steps})
+    if args.what == "target":
+        tokenizer = _read_tokenizer(args.out, config, "the target is trained on the tokenizer in --out: train it "
+                                                      f"first (python -m harness train tokenizer --out {args.out})")
+    else:
+        tokenizer = _read_tokenizer(args.teacher, config, "accepted: a --teacher directory that python -m harness "
+                                                          "train target wrote (the draft reuses its tokenizer)")
     teacher = None
     if args.what == "draft" and not args.no_distill:
-        teacher = build_model(load_checkpoint(args.teacher))
+        try:
+            teacher = build_model(load_checkpoint(args.teacher))
+        except CheckpointError as error:
+            raise TrainingError(f"--teacher: {error}") from None
+        if teacher.config.vocab_size != config.vocab_size:
+            raise TrainingError(f"--teacher: {args.teacher} has a vocabulary of {teacher.config.vocab_size}; "
+                                f"accepted: a target of the draft's {config.vocab_size}")
+    name = args.out.resolve().name  # the model's name ("--out ." names it after the current directory)
+    work_dir = args.work_dir or Path(".cache/train") / name  # outside the model directory: never committed
+    state_path = work_dir / STATE_FILE
+    if state_path.exists():
+        if not args.resume:
+            raise TrainingError(f"{state_path}: a training state exists, which this run would overwrite; accepted: "
+                                "--resume to continue it, or delete it (or give another --work-dir) to start over")
+        reached = state_step(state_path, Transformer(config))
+        if reached > schedule.steps:
+            raise TrainingError(f"{state_path}: the state is at step {reached}, past the {schedule.steps} steps "
+                                f"asked for; accepted: --steps {reached} or more")
+    train_docs, _ = corpus.split(corpus.documents())
+    stream = encode(tokenizer, train_docs)
     args.out.mkdir(parents=True, exist_ok=True)
-    log_file = (args.out / LOG_FILE).open("a")
+    with (args.out / LOG_FILE).open("a") as log_file:
 
-    def log(line: str) -> None:  # the log is kept beside the model: the evidence of how it was made
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
+        def log(line: str) -> None:  # the log is kept beside the model: the evidence of how it was made
+            print(line, flush=True)
+            log_file.write(line + "\n")
+            log_file.flush()
 
-    log(f"python -m harness train {' '.join(argv)}")
-    log(f"{args.what}: {sum(p.numel() for p in Transformer(config).parameters()):,} parameters, "
-        f"{len(stream):,} training tokens, {schedule}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    began, cpu_began = time.perf_counter(), time.process_time()
-    work_dir = args.work_dir or Path(".cache/train") / args.out.name  # outside the model directory: never committed
-    model = train(config, schedule, stream, work_dir, teacher, args.resume, args.save_every, log)
-    save_model(bf16_checkpoint(args.out.name, model), tokenizer, args.out)
-    log(f"wrote {args.out}: wall {time.perf_counter() - began:.0f}s, cpu {time.process_time() - cpu_began:.0f}s")
+        log(f"python -m harness train {' '.join(argv)}")
+        log(f"{args.what}: {sum(p.numel() for p in Transformer(config).parameters()):,} parameters, "
+            f"{len(stream):,} training tokens, {schedule}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+        began, cpu_began = time.perf_counter(), time.process_time()
+        model = train(config, schedule, stream, work_dir, teacher, args.resume, args.save_every, log)
+        save_model(bf16_checkpoint(name, model), tokenizer, args.out)
+        log(f"wrote {args.out}: wall {time.perf_counter() - began:.0f}s, cpu {time.process_time() - cpu_began:.0f}s")
     return 0

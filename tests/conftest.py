@@ -1,4 +1,7 @@
 import pytest
+import scipy.optimize  # noqa: F401
+import scipy.stats  # noqa: F401  (loaded here, outside pytester's in-process runs: those drop every module first
+# imported inside them, and numpy's C extensions that scipy pulls in cannot be loaded twice in one process)
 
 from backends import registry
 

@@ -18,6 +18,7 @@ from harness.kv_calc import (
     kv_bytes,
     kv_bytes_per_token,
     main_kv_calc,
+    memory_table,
     param_count,
     publish,
     read_hf_config,
@@ -167,6 +168,10 @@ def test_config_json_from_a_path(tmp_path, capsys):
     assert f"{2 * 3 * 1 * 16 * 2}" in out and "MQA" in out  # fp16 KV bytes per token
 
 
+_LLAMA = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 2, "num_attention_heads": 32,
+          "num_key_value_heads": 8, "intermediate_size": 64, "vocab_size": 10}
+
+
 @pytest.mark.parametrize("content, expected", [
     ("{not json", "not valid JSON"),
     ("[1, 2]", "not a JSON object"),
@@ -174,6 +179,20 @@ def test_config_json_from_a_path(tmp_path, capsys):
     (json.dumps({"model_type": "llama", "hidden_size": 64}), "missing key 'num_attention_heads'"),
     (json.dumps({"model_type": "gpt2", "n_embd": "768", "n_head": 12, "n_layer": 2, "vocab_size": 10,
                  "n_positions": 8}), "n_embd='768' is not a positive integer"),
+    # KV heads must group the query heads: neither 32 over 5 nor 8 over 32
+    (json.dumps(_LLAMA | {"num_attention_heads": 32, "num_key_value_heads": 5}),
+     "32 attention heads over 5 KV heads; accepted: a KV head count that divides the attention heads"),
+    (json.dumps(_LLAMA | {"num_attention_heads": 8, "num_key_value_heads": 32}), "8 attention heads over 32 KV heads"),
+    (json.dumps(_LLAMA | {"model_type": "falcon", "new_decoder_architecture": True, "num_kv_heads": 3}),
+     "32 attention heads over 3 KV heads"),
+    # head_dim from a hidden size the heads do not divide (4 // 8 would be 0)
+    (json.dumps(_LLAMA | {"hidden_size": 4, "num_attention_heads": 8, "num_key_value_heads": 8}),
+     "hidden size 4 is not divisible by 8 attention heads; accepted: a multiple of the head count, or an explicit "
+     "head_dim"),
+    (json.dumps({"model_type": "gpt2", "n_embd": 100, "n_head": 12, "n_layer": 2, "vocab_size": 10,
+                 "n_positions": 8}), "hidden size 100 is not divisible by 12 attention heads"),
+    (json.dumps(_LLAMA | {"model_type": "falcon", "hidden_size": 100, "num_attention_heads": 12}),
+     "hidden size 100 is not divisible by 12 attention heads"),
 ])
 def test_bad_config_json_is_a_one_line_error(tmp_path, capsys, content, expected):
     path = tmp_path / "config.json"
@@ -204,3 +223,73 @@ def test_published_table_is_current(tmp_path, capsys):
     assert written == (ROOT / "results" / "kv_calc.md").read_text(), \
         "results/kv_calc.md is stale: run python -m harness kv-calc --all --publish results"
     assert publish(tmp_path) == tmp_path / "kv_calc.md"
+
+
+def test_an_explicit_head_dim_needs_no_divisible_hidden_size(tmp_path):
+    # Gemma-style: the heads' width is stated, not the hidden size split over the heads
+    (tmp_path / "config.json").write_text(json.dumps(_LLAMA | {"hidden_size": 3072, "num_attention_heads": 16,
+                                                               "num_key_value_heads": 16, "head_dim": 256}))
+    arch = read_hf_config(tmp_path)
+    assert (arch.head_dim, kv_bytes_per_token(arch, 16)) == (256, 2 * 2 * 16 * 256 * 2)
+
+
+def test_context_lengths_are_an_option(capsys):
+    table = memory_table([NAMED["llama-3-8b"]], {"32K": 32768})
+    fp16 = table[table["dtype"] == "fp16/bf16"].iloc[0]
+    assert fp16["KV 32K (GB)"] == pytest.approx(131_072 * 32_768 / 1e9)  # 128 KiB a token
+    assert main_kv_calc(["llama-3-8b", "--context", "32K", "--context", "1000"]) == 0
+    out = capsys.readouterr().out
+    assert "KV 32K (GB)" in out and "KV 1,000 (GB)" in out and "KV 4K (GB)" not in out
+    assert main_kv_calc(["llama-3-8b"]) == 0
+    assert "KV 4K (GB)" in capsys.readouterr().out and "KV 128K (GB)" in memory_table([NAMED["llama-3-8b"]])
+
+
+@pytest.mark.parametrize("value", ["0", "1.5K", "-4", "lots", "K"])
+def test_bad_context_length_is_a_usage_error(capsys, value):
+    assert main_kv_calc(["llama-3-8b", f"--context={value}"]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert f"argument --context: {value!r} is not a context length; accepted: a positive number of tokens" in error
+
+
+def _published(path: Path) -> bool:
+    return path.read_text().startswith("# KV-cache and weights calculator\n")
+
+
+def test_publish_regenerates_an_existing_table_atomically(tmp_path, capsys):
+    stale = tmp_path / "kv_calc.md"
+    stale.write_text("# KV-cache and weights calculator\n\nan older table\n")
+    for destination in (tmp_path, stale):  # the results directory, or the file itself
+        assert main_kv_calc(["--publish", str(destination)]) == 0
+        assert capsys.readouterr().out.endswith(f"wrote {stale}\n")
+        assert _published(stale) and "an older table" not in stale.read_text()
+        assert oct(stale.stat().st_mode & 0o777) == "0o644"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["kv_calc.md"]  # no temporary file left
+    new = tmp_path / "deeper" / "tables.md"
+    assert main_kv_calc(["--publish", str(new)]) == 0 and _published(new)
+
+
+def test_publish_never_overwrites_another_file(tmp_path, capsys):
+    notes = tmp_path / "notes.md"
+    notes.write_text("my notes\n")
+    for destination, expected in [
+        (notes, f"kv-calc: {notes}: exists and is not a kv-calc table, so it is not overwritten; accepted: "),
+        (notes / "table.md", f"kv-calc: cannot write {notes / 'table.md'} (File exists: {notes})"),
+    ]:
+        assert main_kv_calc(["--publish", str(destination)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(expected)
+    assert notes.read_text() == "my notes\n" and sorted(tmp_path.iterdir()) == [notes]
+
+
+def test_publish_to_an_empty_path_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # Path("") would be the current directory
+    assert main_kv_calc(["--publish", ""]) == 2
+    assert "argument --publish: '' is empty; accepted: a results directory" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_publish_has_the_default_context_lengths(tmp_path, capsys):
+    assert main_kv_calc(["--context", "32K", "--publish", str(tmp_path)]) == 2
+    assert "--context and --publish: the published table has the default context lengths (4K and 128K)" \
+        in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
