@@ -100,7 +100,7 @@ def random_checkpoint(config: ModelConfig, seed: int = 0, name: str | None = Non
     return Checkpoint(name or f"random-{config.position_id}-{config.attention_kind}-s{seed}", config, model.export_weights())
 
 
-def trained_scale_checkpoint(config: ModelConfig, seed: int = 0, max_logit: float = 32.0) -> Checkpoint:
+def trained_scale_checkpoint(config: ModelConfig, seed: int = 0, max_logit: float = 30.0) -> Checkpoint:
     """Seeded random weights with the output head scaled so the logits reach about +-max_logit, as a trained
     model's do (random initializations give +-3 to 10): fp32 rounding grows with that magnitude."""
     checkpoint = random_checkpoint(config, seed)

@@ -33,10 +33,10 @@ def int4_block_dequantized(weight: torch.Tensor, block: int) -> torch.Tensor:
     padded = -in_features % block  # MatMulNBits pads the input dimension with zeros to whole blocks
     blocks = torch.nn.functional.pad(weight.float(), (0, padded)).view(out_features, -1, block)
     largest = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))  # signed value of the largest magnitude
-    scale = largest / -8
+    scale = largest / -8  # float32, as stored
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
     q = (torch.round(blocks / safe) + 8).clamp(0, 15)
-    return ((q - 8) * scale).double().view(out_features, -1)[:, :in_features]
+    return ((q - 8).double() * scale.double()).view(out_features, -1)[:, :in_features]
 
 
 def uint8_affine(x: torch.Tensor, dim: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
