@@ -159,8 +159,9 @@ def test_draft_cache_check_meets_its_precondition_or_says_why(pytester, tmp_path
     """The draft-cache check needs a fully accepted round and a rejection; at k=3 on the default prompts these
     targets give no rejection, which used to fail the test ("need both full acceptance and rejections"). It now
     tries other k and prompts: seed 11 gives both at k=2, seed 2 never rejects, and the test skips saying so."""
-    near_constant_checkpoint(seed).save(tmp_path / "near-constant")
-    result = pytester.runpytest_inprocess(str(SUITES / "test_speculative.py"), "--model", str(tmp_path / "near-constant"),
+    model_dir = tmp_path / f"near-constant-s{seed}"  # its own name: the suite keeps one draft per target name
+    near_constant_checkpoint(seed).save(model_dir)
+    result = pytester.runpytest_inprocess(str(SUITES / "test_speculative.py"), "--model", str(model_dir),
                                           "-k", "draft_cache_follows", "-p", "no:randomly", "-q", "-rs")
     result.assert_outcomes(**{outcome: 1})
     if outcome == "skipped":
