@@ -1,7 +1,15 @@
 """How each property is judged. Every suite uses these; no suite keeps its own copy.
 
-- Numerical rule (after flash-attention's tests): run the reference in fp32/fp64, the optimized path and a
-  plain path in the same low precision; the optimized error must be at most k times the plain error.
+- Numerical rule (after flash-attention's tests): run the reference in fp64, the optimized path and a plain
+  path in the same precision; the optimized error must be at most k times the plain error. It holds at any
+  logit magnitude, which a fixed absolute bound does not: fp32 rounding grows with the logits (one ulp of a
+  logit of 32 is 3.8e-6), and a correct backend on a trained-scale model (logits of +-20..40) errs by 1e-5 to
+  2.5e-5 in fp32, while a 1e-5 bound that suits logits of +-3 would call it wrong.
+- fp32 paths are judged against the harness's own fp64 reference (harness/references.py), never a figure the
+  backend under test computed. An fp32 plain path can be exact (one token, one key): below one fp32 ulp of
+  the largest reference logit its error is no yardstick, so it is floored there (assert_fp32_by_oracle).
+- Lossy formats (int8, int4) are judged the same way, the plain path being the format simulated exactly in
+  fp64 on the same weights; token agreement is a quality figure, not an exactness check.
 - Greedy tokens: equal wherever the maths makes them equal; where logits differ by rounding, the first
   mismatch is allowed only if each side's token is in the other's top-k there.
 """
@@ -11,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+FP32_EPS = torch.finfo(torch.float32).eps
+
 
 def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (actual.double() - expected.double()).abs().max().item()
@@ -19,36 +29,56 @@ def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @dataclass(frozen=True)
 class OracleResult:
     optimized_error: float  # max |optimized - reference|
-    plain_error: float  # max |plain low-precision - reference|
-    bound: float  # k * plain_error + atol
+    plain_error: float  # max |plain - reference|
+    floor: float  # the least yardstick: below it the plain error does not count
+    k: float
+
+    @property
+    def yardstick(self) -> float:
+        return max(self.plain_error, self.floor)
+
+    @property
+    def bound(self) -> float:
+        return self.k * self.yardstick
 
     @property
     def ratio(self) -> float:
-        """optimized error / plain error (the figure the rule limits to k)."""
-        if self.plain_error:
-            return self.optimized_error / self.plain_error
+        """optimized error / the yardstick (the figure the rule limits to k)."""
+        if self.yardstick:
+            return self.optimized_error / self.yardstick
         return 0.0 if self.optimized_error == 0 else float("inf")
+
+    def metrics(self) -> dict[str, float]:
+        """The figures a test records: optimized_error, plain_error, ratio."""
+        return {"optimized_error": self.optimized_error, "plain_error": self.plain_error, "ratio": self.ratio}
 
 
 def assert_by_oracle(optimized: torch.Tensor, plain: torch.Tensor, reference: torch.Tensor,
-                     k: float = 2.0, atol: float = 0.0) -> OracleResult:
-    """Assert max|optimized - reference| <= k * max|plain - reference| + atol; return the figures.
-
-    `atol` is for a plain path that is itself exact to the reference (fp32 vs fp32): the caller states
-    the rounding it allows, in the units of the output.
-    """
+                     k: float = 2.0, floor: float = 0.0) -> OracleResult:
+    """Assert max|optimized - reference| <= k * max(max|plain - reference|, floor); return the figures."""
     if optimized.shape != reference.shape or plain.shape != reference.shape:
         raise AssertionError(f"shapes differ: optimized {tuple(optimized.shape)}, plain {tuple(plain.shape)}, "
                              f"reference {tuple(reference.shape)}")
     if not torch.isfinite(optimized).all():
         raise AssertionError("optimized output has NaN or inf")
-    plain_error = max_abs_error(plain, reference)
-    result = OracleResult(max_abs_error(optimized, reference), plain_error, k * plain_error + atol)
+    result = OracleResult(max_abs_error(optimized, reference), max_abs_error(plain, reference), floor, k)
     assert result.optimized_error <= result.bound, (
         f"optimized error {result.optimized_error:.3g} exceeds {k} x plain error {result.plain_error:.3g}"
-        + (f" + {atol:.3g}" if atol else "")
+        + (f" (floored at {floor:.3g})" if floor > result.plain_error else "")
     )
     return result
+
+
+def fp32_floor(reference: torch.Tensor) -> float:
+    """One fp32 ulp (machine epsilon) of the largest reference magnitude."""
+    return FP32_EPS * reference.abs().max().item()
+
+
+def assert_fp32_by_oracle(optimized: torch.Tensor, plain: torch.Tensor, reference: torch.Tensor,
+                          k: float = 2.0) -> OracleResult:
+    """An fp32 path against the fp64 reference: at most k x the error of the plain fp32 path, that error floored
+    at one fp32 ulp of the largest reference value (the module docstring says why)."""
+    return assert_by_oracle(optimized, plain, reference, k, floor=fp32_floor(reference))
 
 
 def first_mismatch(tokens_a: list[int], tokens_b: list[int]) -> int | None:

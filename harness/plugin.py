@@ -122,6 +122,8 @@ def open_run(config: pytest.Config, options: dict[str, object]) -> RunWriter:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "exactness: deterministic checks that an optimization changes nothing it must not")
     config.addinivalue_line("markers", "bench: timed or memory measurements, recorded and tabulated")
+    config.addinivalue_line("markers", "config_matrix: the built-in configuration matrix (every position encoding x "
+                                       "MHA/GQA/MQA on small random models) rather than the --model checkpoint")
     try:
         backends = config.getoption("backend") or DEFAULT_BACKENDS
         for name in backends:

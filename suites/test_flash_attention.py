@@ -4,8 +4,9 @@ Kernel level: a backend with the capability 'attention-kernels' offers `backend.
 {Attention: fn(q, k, v, allowed, bias, scale) -> (B, H, T, D)} with the signature documented in
 backends/torch_ref/attention.py. Each kernel, run in fp32, bf16 and fp16, must have an error against the fp64
 reference of at most 2x the error of the plain formula run in the same precision (flash-attention's rule).
-Model level: the backend loaded under attention=<name> must match attention=naive by the same rule, against
-the fp64 reference model, for prefill and cached decode.
+Model level: the backend loaded under attention=<name> on the --model checkpoint (and on the built-in rope and
+ALiBi configurations, marker `config_matrix`) must match attention=naive by the same rule, against the harness's
+fp64 reference model, for prefill and cached decode.
 Bench: time (pytest-benchmark) and peak extra memory (a fresh spawned child) against N, batch 1 and 4.
 """
 from __future__ import annotations
@@ -17,20 +18,24 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from backends.checkpoint import Checkpoint
 from backends.registry import get_backend
 from backends.strategies import Attention, Quant, Strategy
 from backends.torch_ref.attention import FlashAttention
-from backends.torch_ref.backend import build_model
-from backends.torch_ref.model import alibi_slopes, full_sequence_context
+from backends.torch_ref.model import alibi_slopes
 from harness.memory import peak_rss_in_child
-from harness.models import small_checkpoint
-from harness.oracles import assert_by_oracle, max_abs_error
+from harness.models import config_matrix, parametrize_models
+from harness.oracles import assert_by_oracle, assert_fp32_by_oracle
 from harness.plugin import require
+from harness.references import SIMULATED, float64_reference
 
 K = 2.0  # the rule: optimized error <= K x plain error (flash-attention's tests)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 dtypes = pytest.mark.parametrize("dtype", list(DTYPES))
+MATRIX = config_matrix(["rope", "alibi"], ["gqa"])  # the model-level test's built-in configurations
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    parametrize_models(metafunc, MATRIX)  # `case`: the --model checkpoint and MATRIX
 
 
 # --- the reference and the cases ------------------------------------------------------------------
@@ -103,17 +108,9 @@ def check_kernel(kernel, case: Case, dtype: str) -> dict[str, float]:
 
 
 def assert_rule(optimized, plain, reference, fp32: bool) -> dict[str, float]:
-    """The oracle rule with K; returns the figures to record.
-
-    fp32 against fp64 can be exact (a single key returns v itself): below one fp32 ulp of the output magnitude
-    the plain error is no yardstick, so in fp32 it is floored there. bf16 and fp16 have no floor.
-    """
-    floor = torch.finfo(torch.float32).eps * reference.abs().max().item() if fp32 else 0.0
-    plain_error = max_abs_error(plain, reference)
-    result = assert_by_oracle(optimized, plain, reference, k=K, atol=K * max(0.0, floor - plain_error))
-    yardstick = max(plain_error, floor)
-    return {"optimized_error": result.optimized_error, "plain_error": plain_error,
-            "error_ratio": result.optimized_error / yardstick if yardstick else 0.0}
+    """The oracle rule with K (fp32: the plain error floored at one ulp, harness/oracles.py); the figures to record."""
+    result = (assert_fp32_by_oracle if fp32 else assert_by_oracle)(optimized, plain, reference, k=K)
+    return {"optimized_error": result.optimized_error, "plain_error": result.plain_error, "error_ratio": result.ratio}
 
 
 def backend_kernel(backend, attention: Attention):
@@ -207,14 +204,6 @@ def test_flash_block_sizes(dtype, block_q, block_k, record):
 N_PREFILL, N_DECODE = 29, 12  # an odd prompt, then one token at a time through the cache
 
 
-def reference_logits(checkpoint: Checkpoint, tokens: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) fp64 logits of the reference PyTorch model over the whole sequence, no cache."""
-    model = build_model(checkpoint, Attention.NAIVE).double()
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-    with torch.inference_mode():
-        return model(tokens, full_sequence_context(positions, torch.ones_like(tokens, dtype=torch.bool)))
-
-
 def prefill_then_decode(runner, tokens: torch.Tensor) -> torch.Tensor:
     """(B, T, V) logits: the first N_PREFILL tokens in one call, then each later token alone, cached."""
     cache = runner.new_cache(tokens.shape[0], tokens.shape[1])
@@ -223,21 +212,29 @@ def prefill_then_decode(runner, tokens: torch.Tensor) -> torch.Tensor:
                       for a, b in steps], dim=1)
 
 
+def plain_runner(backend, checkpoint, quant: Quant):
+    """attention=naive in the same strategy: on this backend, else on the reference backend, else (a format the
+    reference backend lacks, such as int8 or int4) that format simulated exactly in fp64 (harness/references.py)."""
+    for plain_backend in (backend, get_backend("torch")()):
+        if not plain_backend.missing("attention:naive", f"quant:{quant.value}"):
+            return plain_backend.load(checkpoint, Strategy(quant, Attention.NAIVE))
+    if quant in SIMULATED:
+        return float64_reference(checkpoint, quant)
+    pytest.skip(f"no plain path for quant:{quant.value}: neither {backend.name} nor torch has it with attention:naive")
+
+
 @pytest.mark.exactness
-@pytest.mark.parametrize("position", ["rope", "alibi"])
-def test_model_logits_match_naive(backend, load_runner, quant, attention, position, record):
+def test_model_logits_match_naive(backend, load_runner, quant, attention, case, record):
     """Prefill and cached decode logits: error vs the fp64 reference model at most 2x attention=naive's."""
     if attention == Attention.NAIVE:
         pytest.skip("attention=naive is the plain path this test compares against")
-    checkpoint = small_checkpoint(position, "gqa")
+    checkpoint = case.checkpoint
     tokens = torch.randint(1, checkpoint.config.vocab_size, (2, N_PREFILL + N_DECODE),
                            generator=torch.Generator().manual_seed(3))
     optimized = prefill_then_decode(load_runner(checkpoint, Strategy(quant, attention)), tokens)
-    # the plain path: this backend's naive attention, or the reference backend's where it has none
-    plain_backend = backend if not backend.missing("attention:naive") else get_backend("torch")()
-    require(plain_backend, f"quant:{quant.value}")
-    plain = prefill_then_decode(plain_backend.load(checkpoint, Strategy(quant, Attention.NAIVE)), tokens)
-    record(**assert_rule(optimized, plain, reference_logits(checkpoint, tokens), fp32=quant == Quant.FP32))
+    plain = prefill_then_decode(plain_runner(backend, checkpoint, quant), tokens)
+    reference = float64_reference(checkpoint).forward_full(tokens, torch.arange(tokens.shape[1]).expand_as(tokens))
+    record(**assert_rule(optimized, plain, reference, fp32=quant == Quant.FP32))
 
 
 # --- bench: time and peak extra memory against N ---------------------------------------------------

@@ -13,7 +13,7 @@ from .planted_faults import PLANTED
 
 SUITE = str(Path(__file__).resolve().parents[1] / "suites" / "test_speculative.py")
 SAMPLER_SELECTION = "sampler or sampling_matches_target"
-GREEDY_SELECTION = "greedy_matches_target and (random or trained) and k1"
+GREEDY_SELECTION = "greedy_matches_target and (random-k1 or trained-k1)"  # ids: [torch-<model>-<draft>-k1]
 MODEL = "tiny-random"  # the outcomes asserted below are for this target, whatever the default model is
 
 

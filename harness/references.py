@@ -1,0 +1,127 @@
+"""References the harness computes itself, never the backend under test: the reference PyTorch model in float64
+on the same weights, and, for a lossy strategy, the same model with that strategy's number format simulated
+exactly (dequantize, then multiply in float64).
+
+The simulated formats follow how backends/onnxrt/quantize.py has ONNX Runtime quantize every MatMul weight
+(tests/test_trained_scale.py checks them against ONNX Runtime's own quantizers):
+- int4-block32/128 (MatMulNBits, symmetric): per output channel, blocks of 32/128 input weights; the block's
+  scale is its largest-magnitude weight / -8, each weight round(w / scale) + 8 clipped to 0..15.
+- int8-dynamic (quantize_dynamic, QUInt8 per channel): per output channel, scale = (max(0, w) - min(0, w)) / 255,
+  zero point round(-min / scale); activations quantized per call and tensor by ONNX's DynamicQuantizeLinear
+  (uint8, same rule over the whole input of the MatMul), then an exact integer product.
+int4 at accuracy level 4 also rounds activations to int8 inside the kernel; that step is not simulated (MLAS's
+kernel choice depends on the CPU), so the int4 oracle is the weights' own error: the larger share by far.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from backends.base import KVCache, ModelRunner
+from backends.checkpoint import Checkpoint
+from backends.strategies import Attention, Quant, Strategy
+from backends.torch_ref.backend import build_model
+from backends.torch_ref.model import TorchKVCache, full_sequence_context
+
+INT4_BLOCKS = {Quant.INT4_BLOCK32: 32, Quant.INT4_BLOCK128: 128}
+SIMULATED = (Quant.INT8_DYNAMIC, *INT4_BLOCKS)
+
+
+def int4_block_dequantized(weight: torch.Tensor, block: int) -> torch.Tensor:
+    """(out, in) weight -> its symmetric int4 block-quantized value, blocks of `block` along the input dimension."""
+    out_features, in_features = weight.shape
+    padded = -in_features % block  # MatMulNBits pads the input dimension with zeros to whole blocks
+    blocks = torch.nn.functional.pad(weight.float(), (0, padded)).view(out_features, -1, block)
+    largest = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))  # signed value of the largest magnitude
+    scale = largest / -8  # float32, as stored
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = (torch.round(blocks / safe) + 8).clamp(0, 15)
+    return ((q - 8).double() * scale.double()).view(out_features, -1)[:, :in_features]
+
+
+def uint8_affine(x: torch.Tensor, dim: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, scale, zero_point) of ONNX's uint8 affine quantization; per tensor (dim None) or along `dim`'s rows.
+    The range always includes 0, so 0 is exact."""
+    if dim is None:
+        low, high = x.min().clamp(max=0), x.max().clamp(min=0)
+    else:
+        low, high = x.amin(dim, keepdim=True).clamp(max=0), x.amax(dim, keepdim=True).clamp(min=0)
+    scale = ((high - low) / 255).float().double()  # ONNX Runtime keeps scales in float32
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zero_point = torch.round(-low / safe).clamp(0, 255)
+    q = (torch.round(x / safe) + zero_point).clamp(0, 255)
+    return q, scale, zero_point
+
+
+class SimulatedLinear(nn.Module):
+    """A Linear layer computing in float64 with a lossy format's weights (and activations) simulated."""
+
+    def __init__(self, linear: nn.Linear, quant: Quant):
+        super().__init__()
+        weight = linear.weight.detach().double()
+        self.quantize_activations = quant == Quant.INT8_DYNAMIC
+        if quant == Quant.INT8_DYNAMIC:
+            q, scale, zero_point = uint8_affine(weight, dim=1)  # per output channel
+            self.register_buffer("weight_q", q - zero_point)
+            self.register_buffer("weight_scale", scale.T)  # (1, out)
+        else:
+            self.register_buffer("weight", int4_block_dequantized(weight, INT4_BLOCKS[quant]))
+        self.bias = None if linear.bias is None else linear.bias.detach().double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantize_activations:
+            q, scale, zero_point = uint8_affine(x, dim=None)
+            y = ((q - zero_point) @ self.weight_q.T) * (scale * self.weight_scale)  # integer products: exact in fp64
+        else:
+            y = x @ self.weight.T
+        return y if self.bias is None else y + self.bias
+
+
+def simulate_format(model: nn.Module, quant: Quant) -> nn.Module:
+    """Swap every Linear (the MatMul weights ONNX Runtime quantizes, lm_head included) for its simulated format."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, child_name, SimulatedLinear(child, quant))
+    return model
+
+
+class Float64Runner(ModelRunner):
+    """The reference model in float64 (naive attention) on the checkpoint's weights, optionally with a lossy
+    format simulated; the contract's cache semantics, so it can be run through the same calls as any backend.
+    model.py computes RMSNorm and RoPE in at least float32 (`.float()`), so those two steps round to fp32 here:
+    on default-target this reference is 1.5e-6 from an all-fp64 model, against 1.1e-5 for the fp32 path."""
+
+    def __init__(self, checkpoint: Checkpoint, quant: Quant = Quant.FP32):
+        if quant != Quant.FP32 and quant not in SIMULATED:
+            raise ValueError(f"no simulated format for {quant.value!r}; simulated: {', '.join(q.value for q in SIMULATED)}")
+        super().__init__(checkpoint, Strategy(quant, Attention.NAIVE))
+        self.model = build_model(checkpoint, Attention.NAIVE).double()
+        if quant != Quant.FP32:
+            simulate_format(self.model, quant)
+
+    def new_cache(self, batch_size: int, capacity: int) -> TorchKVCache:
+        return TorchKVCache(self.config, batch_size, capacity, torch.float64, torch.device("cpu"))
+
+    @staticmethod
+    def _mask(tokens: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+        return torch.ones_like(tokens, dtype=torch.bool) if token_mask is None else token_mask
+
+    @torch.inference_mode()
+    def forward(self, cache: KVCache, tokens, positions, token_mask=None) -> torch.Tensor:
+        return self.model(tokens, cache.begin(positions, self._mask(tokens, token_mask)))
+
+    @torch.inference_mode()
+    def forward_full(self, tokens, positions, token_mask=None) -> torch.Tensor:
+        return self.model(tokens, full_sequence_context(positions, self._mask(tokens, token_mask)))
+
+
+_REFERENCES: dict[tuple[int, Quant], Float64Runner] = {}
+
+
+def float64_reference(checkpoint: Checkpoint, quant: Quant = Quant.FP32) -> Float64Runner:
+    """A Float64Runner per checkpoint and format, built once per process (checkpoints live for the session)."""
+    key = (id(checkpoint), quant)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = Float64Runner(checkpoint, quant)
+    return _REFERENCES[key]
