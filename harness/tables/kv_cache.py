@@ -57,18 +57,16 @@ def measured_figures(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
     oracle = frame[frame["function"] == "test_cached_decode_in_low_precision_by_the_oracle"].dropna(subset=["metric.ratio"]) \
         if "metric.ratio" in frame else frame.iloc[:0]
     if len(oracle):
-        rows = oracle.reindex(columns=["backend", "model", "quant", "metric.cached_error", "metric.recompute_error",
+        rows = oracle.reindex(columns=["backend", "model", "quant", "metric.optimized_error", "metric.plain_error",
                                        "metric.ratio", "outcome"]).rename(columns={
-            "metric.cached_error": "cached error", "metric.recompute_error": "recompute error",
+            "metric.optimized_error": "cached error vs fp64", "metric.plain_error": "recompute error vs fp64",
             "metric.ratio": "ratio (limit 2)"})
-        # fp32's recompute path is exact (error 0): no ratio, it is judged by a bound
-        rows["ratio (limit 2)"] = rows["ratio (limit 2)"].where(rows["ratio (limit 2)"].map(math.isfinite))
-        tables.append(Table("Cached decode in low precision against fp32 recompute (the oracle rule: ratio <= 2)",
-                            rows, ["Errors are max |logit - fp32 logit| over the 33 teacher-forced positions after a "
-                                   "9-token prompt."],
-                            formats={"cached error": "error", "recompute error": "error", "ratio (limit 2)": "ratio"},
-                            missing="fp32's recompute path is the oracle itself (error 0), so fp32 is judged by a "
-                                    "1e-5 bound instead of a ratio"))
+        tables.append(Table("Cached decode in each precision against the fp64 reference (the oracle rule: ratio <= 2)",
+                            rows, ["Errors are max |logit - fp64 logit| over the 33 teacher-forced positions after a "
+                                   "9-token prompt; the plain path recomputes the whole sequence in the same "
+                                   "precision. fp32: the plain error is floored at one ulp of the largest logit."],
+                            formats={"cached error vs fp64": "error", "recompute error vs fp64": "error",
+                                     "ratio (limit 2)": "ratio"}))
     kv = frame[frame["function"] == "test_kv_bytes_per_token_match_the_formula"].dropna(subset=["metric.kv_bytes_per_token"]) \
         if "metric.kv_bytes_per_token" in frame else frame.iloc[:0]
     if len(kv):
@@ -89,5 +87,5 @@ def measured_figures(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
                             notes=
                             ["Cached keys keep the rotation of the base in force when they were written; recompute "
                              "re-rotates every key with the final base. Max |logit difference| over 32 decoded tokens past "
-                             "max_position_embeddings=16; expected to fail the 1e-5 bound (xfail)."]))
+                             "max_position_embeddings=16; expected to fail the fp32 oracle rule (xfail)."]))
     return tables
