@@ -483,3 +483,5 @@ def test_speedup(backend, model, load_runner, record, benchmark, draft, k):
            speedup=target_s / speculative_s, c=c, verify_cost=verify_cost,
            predicted_speedup=predicted_speedup(acceptance, k, c),
            predicted_with_verify_cost=predicted_speedup(acceptance, k, c, verify_cost))
+    # per-round speedups of the interleaved pairs: the spread the regression gate tests a change against
+    record.samples(speedup=[t / s for t, s in zip(target_times[warm], speculative_times[warm])])
