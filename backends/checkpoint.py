@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -11,11 +12,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 POSITIONS = ("rope", "alibi", "learned", "sinusoidal")
-ROPE_SCALINGS = ("linear", "ntk", "dynamic-ntk", "yarn")
+ROPE_SCALINGS = ("linear", "ntk", "dynamic-ntk", "yarn", "llama3")
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory or file that cannot be used; the message names the file and the problem."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint that loads, read in a way its files leave open; the message says which reading was used."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,8 @@ class RopeScaling:
     original_max_position_embeddings: int | None = None  # YaRN and dynamic NTK; defaults to the model's
     beta_fast: float = 32.0  # YaRN ramp bounds (Peng et al. 2023, section 3.2)
     beta_slow: float = 1.0
+    low_freq_factor: float = 1.0  # Llama 3.1's wavelength bounds: original / low_freq_factor and / high_freq_factor
+    high_freq_factor: float = 4.0
 
     def __post_init__(self):
         if self.kind not in ROPE_SCALINGS:
@@ -96,7 +103,7 @@ class ModelConfig:
 
 # --- Hugging Face config.json -------------------------------------------------------------------
 
-_HF_ROPE_KIND = {"linear": "linear", "dynamic": "dynamic-ntk", "yarn": "yarn", "ntk": "ntk"}
+_HF_ROPE_KIND = {"linear": "linear", "dynamic": "dynamic-ntk", "yarn": "yarn", "ntk": "ntk", "llama3": "llama3"}
 
 
 def to_hf_config(config: ModelConfig) -> dict:
@@ -126,6 +133,9 @@ def to_hf_config(config: ModelConfig) -> dict:
             hf["rope_scaling"]["original_max_position_embeddings"] = config.rope_scaling.original_max_position_embeddings
         if config.rope_scaling.kind == "yarn":
             hf["rope_scaling"].update(beta_fast=config.rope_scaling.beta_fast, beta_slow=config.rope_scaling.beta_slow)
+        if config.rope_scaling.kind == "llama3":
+            hf["rope_scaling"].update(low_freq_factor=config.rope_scaling.low_freq_factor,
+                                      high_freq_factor=config.rope_scaling.high_freq_factor)
     llama_layout = (config.position, config.norm, config.mlp) == ("rope", "rmsnorm", "swiglu")
     if llama_layout and config.qkv_bias and not config.out_bias:  # Qwen2's layout: biases on q, k, v only
         hf.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
@@ -138,19 +148,34 @@ def to_hf_config(config: ModelConfig) -> dict:
     return hf
 
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel",
-                           "ExactbenchDecoder")
+# model_type -> architecture: what a config.json without `architectures` is read as (as transformers' Auto classes do)
+ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                              "gpt2": "GPT2LMHeadModel", "exactbench": "ExactbenchDecoder"}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURE_OF_MODEL_TYPE.values())
 # RoPE keys the reference model implements; any other (attention_factor, mscale, partial_rotary_factor, ...) is refused
-_ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow"}
+_ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+              "low_freq_factor", "high_freq_factor"}
 
 
 def hf_architecture(hf: dict, source: str = "config.json") -> str:
-    """The supported architecture a config.json names, or a one-line error naming the supported ones."""
+    """The supported architecture a config.json names (`architectures`, else `model_type`), or a one-line error
+    naming the supported ones."""
     archs = hf.get("architectures") or []
+    if not archs and hf.get("model_type") in ARCHITECTURE_OF_MODEL_TYPE:
+        return ARCHITECTURE_OF_MODEL_TYPE[hf["model_type"]]
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:
-        raise CheckpointError(f"{source}: unsupported architecture {archs}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        named = f"architecture {archs}" if archs else f"model_type {hf.get('model_type')!r} (and no architectures)"
+        raise CheckpointError(f"{source}: unsupported {named}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     return arch
+
+
+def unknown_model_type(hf: dict, source: str = "config.json") -> str | None:
+    """A note when config.json names a supported architecture but a model_type that is not its family's."""
+    model_type, arch = hf.get("model_type"), hf_architecture(hf, source)
+    if model_type is None or ARCHITECTURE_OF_MODEL_TYPE.get(model_type) == arch:
+        return None
+    return f"{source}: model_type {model_type!r} is not {arch}'s; read as {arch} (from architectures)"
 
 
 def _rope(hf: dict, source: str) -> tuple[float, RopeScaling | None]:
@@ -165,9 +190,10 @@ def _rope(hf: dict, source: str) -> tuple[float, RopeScaling | None]:
         return theta, None
     if kind not in _HF_ROPE_KIND:
         raise CheckpointError(f"{source}: unsupported rope_scaling type {kind!r}; supported: default, {', '.join(_HF_ROPE_KIND)}")
-    yarn_bounds = {k: float(params[k]) for k in ("beta_fast", "beta_slow") if params.get(k) is not None}
+    bounds = {k: float(params[k]) for k in ("beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor")
+              if params.get(k) is not None}
     return theta, RopeScaling(_HF_ROPE_KIND[kind], float(params["factor"]), params.get("original_max_position_embeddings"),
-                              **yarn_bounds)
+                              **bounds)
 
 
 def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
@@ -252,6 +278,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{config_file}: not valid JSON ({error.msg} at line {error.lineno})") from None
     config = from_hf_config(hf, str(config_file))
+    note = unknown_model_type(hf, str(config_file))
+    if note is not None:
+        warnings.warn(note, CheckpointWarning, stacklevel=2)
     tokenizer_file = directory / TOKENIZER_FILE
     if tokenizer_file.is_file():
         check_tokenizer(tokenizer_file, config)
@@ -270,7 +299,39 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         from .hf_gpt2 import gpt2_weights
 
         weights = gpt2_weights(weights, config, str(directory))
-    return Checkpoint(directory.name, config, weights, directory)
+    checkpoint = Checkpoint(directory.name, config, without_redundant_tensors(weights, config, str(directory)), directory)
+    check_weights(checkpoint)
+    return checkpoint
+
+
+def without_redundant_tensors(weights: dict[str, torch.Tensor], config: ModelConfig, source: str) -> dict[str, torch.Tensor]:
+    """Drop what transformers also ignores: RoPE tables older checkpoints saved (recomputed from the config) and a
+    tied head stored beside its embedding. A stored head that differs from the embedding it is tied to is refused:
+    which of the two the model was trained with is unknowable."""
+    weights = {name: tensor for name, tensor in weights.items() if not name.endswith("rotary_emb.inv_freq")}
+    head, embedding = weights.get("lm_head.weight"), weights.get("model.embed_tokens.weight")
+    if config.tie_embeddings and head is not None:
+        if embedding is None or head.shape != embedding.shape or not torch.equal(head, embedding):
+            raise CheckpointError(f"{source}: lm_head.weight differs from model.embed_tokens.weight although config.json "
+                                  "says tie_word_embeddings=true (set it to false if the head is its own)")
+        del weights["lm_head.weight"]
+    return weights
+
+
+def check_weights(checkpoint: Checkpoint) -> None:
+    """Refuse weights that do not fit the config, naming the first tensor that does not: the parameters of the
+    reference model (backends/torch_ref/model.py) are the canonical layout every backend reads."""
+    from backends.torch_ref.model import parameter_shapes  # the model module imports this one
+
+    expected = parameter_shapes(checkpoint.config)
+    source = checkpoint.directory or checkpoint.name
+    missing = sorted(set(expected) - set(checkpoint.weights))
+    unexpected = sorted(set(checkpoint.weights) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for name, tensor in sorted(checkpoint.weights.items()):
+        if tuple(tensor.shape) != expected[name]:
+            raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, config needs {expected[name]}")
 
 
 TOKENIZER_FILE = "tokenizer.json"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from backends.checkpoint import (CheckpointError, ModelConfig, RopeScaling, from_hf_config, load_checkpoint,
+from backends.checkpoint import (CheckpointError, CheckpointWarning, ModelConfig, RopeScaling, from_hf_config, load_checkpoint,
                                  to_hf_config)
 from backends.torch_ref.backend import build_model
 from harness.models import random_checkpoint
@@ -62,10 +62,29 @@ def test_mismatched_tensor_shape_names_the_tensor(tmp_path):
     weights = load_checkpoint(tmp_path).weights
     weights["model.layers.0.mlp.up_proj.weight"] = torch.zeros(65, 32)
     save_file(weights, str(tmp_path / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.up_proj.weight has shape \(65, 32\), "
-                                              r"config needs \(64, 32\)") as error:
-        build_model(load_checkpoint(tmp_path))
-    assert str(tmp_path) in str(error.value) and "\n" not in str(error.value)
+    assert load_error(tmp_path) == f"{tmp_path}: model.layers.0.mlp.up_proj.weight has shape (65, 32), config needs (64, 32)"
+
+
+def test_mismatched_tensor_shape_is_a_usage_error_before_any_test(tmp_path, pytester):
+    """Loading is eager: a checkpoint that does not fit its config stops the run at configure time, exit 4,
+    with one line naming the tensor (not a failure repeated by every test)."""
+    model = saved(tmp_path / "model")
+    weights = load_checkpoint(model).weights
+    weights["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(8, 32)
+    save_file(weights, str(model / "model.safetensors"))
+    pytester.makepyfile("def test_anything(checkpoint): pass")
+    result = pytester.runpytest_inprocess("--model", str(model), "-p", "no:randomly")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: {model}: model.layers.0.self_attn.k_proj.weight has shape (8, 32), "
+                                 "config needs (16, 32)"])
+    result.stdout.no_fnmatch_line("*test_anything*")
+
+
+def test_in_memory_checkpoint_is_checked_when_built():
+    checkpoint = random_checkpoint(TINY)
+    checkpoint.weights["model.norm.weight"] = torch.ones(31)
+    with pytest.raises(CheckpointError, match=r"model.norm.weight has shape \(31,\), config needs \(32,\)"):
+        build_model(checkpoint)
 
 
 def test_tokenizer_larger_than_the_vocabulary(tmp_path):
@@ -90,12 +109,12 @@ def test_unsupported_architecture_names_the_supported_ones():
 
 
 @pytest.mark.parametrize("change, expected", [
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "unsupported rope_scaling type 'llama3'"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 8.0}}, "unsupported rope_scaling type 'longrope'"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "mscale": 0.7}}, "unsupported RoPE parameters ['mscale']"),
     ({"sliding_window": 16, "max_position_embeddings": 64}, "sliding_window=16 unsupported"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' unsupported; supported: silu"),
     ({"mlp_bias": True}, "mlp_bias=true unsupported"),
-], ids=["llama3-rope", "yarn-mscale", "sliding-window", "gelu-llama", "mlp-bias"])
+], ids=["longrope", "yarn-mscale", "sliding-window", "gelu-llama", "mlp-bias"])
 def test_unsupported_llama_family_options(change, expected):
     assert expected in config_error({**LLAMA, **change})
 
@@ -139,3 +158,71 @@ def test_transformers5_rope_parameters():
     hf = {**LLAMA, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}}
     config = from_hf_config(hf)
     assert (config.rope_theta, config.rope_scaling) == (500.0, RopeScaling("linear", 2.0))
+
+
+# --- what transformers loads loads here too --------------------------------------------------------
+
+
+def test_tied_head_stored_beside_the_embedding_loads(tmp_path):
+    checkpoint = random_checkpoint(TINY.replace(tie_embeddings=True))
+    checkpoint.save(tmp_path)
+    save_file({**checkpoint.weights, "lm_head.weight": checkpoint.weights["model.embed_tokens.weight"].clone()},
+              str(tmp_path / "model.safetensors"))
+    assert load_checkpoint(tmp_path).weights.keys() == checkpoint.weights.keys()
+
+
+def test_tied_head_that_differs_from_the_embedding_is_refused(tmp_path):
+    checkpoint = random_checkpoint(TINY.replace(tie_embeddings=True))
+    checkpoint.save(tmp_path)
+    head = checkpoint.weights["model.embed_tokens.weight"] + 1
+    save_file({**checkpoint.weights, "lm_head.weight": head}, str(tmp_path / "model.safetensors"))
+    assert load_error(tmp_path) == (f"{tmp_path}: lm_head.weight differs from model.embed_tokens.weight although "
+                                    "config.json says tie_word_embeddings=true (set it to false if the head is its own)")
+
+
+def test_legacy_rotary_inv_freq_buffers_are_ignored(tmp_path):
+    checkpoint = random_checkpoint(TINY)
+    checkpoint.save(tmp_path)
+    legacy = {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}
+    save_file({**checkpoint.weights, **legacy}, str(tmp_path / "model.safetensors"))
+    assert load_checkpoint(tmp_path).weights.keys() == checkpoint.weights.keys()
+
+
+def test_config_without_architectures_is_read_by_model_type():
+    hf = {k: v for k, v in LLAMA.items() if k != "architectures"}
+    assert from_hf_config({**hf, "model_type": "llama"}) == from_hf_config(LLAMA)
+    assert "unsupported model_type 'falcon' (and no architectures)" in config_error({**hf, "model_type": "falcon"})
+
+
+def test_unknown_model_type_with_a_known_architecture_says_which_was_used(tmp_path):
+    saved(tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**hf, "model_type": "my-llama"}))
+    with pytest.warns(CheckpointWarning) as warned:
+        load_checkpoint(tmp_path)
+    assert str(warned[0].message) == (f"{tmp_path / 'config.json'}: model_type 'my-llama' is not LlamaForCausalLM's; "
+                                      "read as LlamaForCausalLM (from architectures)")
+
+
+def test_llama3_rope_scaling_is_read():
+    hf = {**LLAMA, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    assert from_hf_config(hf).rope_scaling == RopeScaling("llama3", 8.0, 8192, low_freq_factor=1.0, high_freq_factor=4.0)
+
+
+def test_llama3_frequencies_keep_short_wavelengths_and_interpolate_long_ones():
+    """Llama 3.1's rule on the frequencies of head_dim 128, theta 500000, original context 8192, factor 8:
+    a wavelength under 8192/4 is kept, one over 8192/1 is divided by 8, and those between lie in between."""
+    from backends.torch_ref.model import rope_frequencies
+
+    config = ModelConfig(vocab_size=8, d_model=1024, n_layers=1, n_heads=8, n_kv_heads=8, d_ff=8, rope_theta=500000.0,
+                         rope_scaling=RopeScaling("llama3", 8.0, 8192, low_freq_factor=1.0, high_freq_factor=4.0))
+    scaled, magnitude = rope_frequencies(config, 1)
+    plain, _ = rope_frequencies(config.replace(rope_scaling=None), 1)
+    wavelength = 2 * torch.pi / plain
+    short, long = wavelength < 8192 / 4, wavelength > 8192
+    assert short.any() and long.any() and (~short & ~long).any()
+    assert torch.equal(scaled[short], plain[short]) and torch.allclose(scaled[long], plain[long] / 8, rtol=1e-15)
+    between = ~short & ~long
+    assert bool(((scaled[between] < plain[between]) & (scaled[between] > plain[between] / 8)).all())
+    assert magnitude == 1.0

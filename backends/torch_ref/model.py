@@ -34,6 +34,8 @@ def rope_frequencies(config: ModelConfig, seq_len: int) -> tuple[torch.Tensor, f
         return 1.0 / (factor * base**exponents), 1.0
     if scaling.kind == "ntk":  # NTK-aware: stretch the base so the lowest frequency interpolates by `factor`
         return 1.0 / (base * factor ** (dim / (dim - 2))) ** exponents, 1.0
+    if scaling.kind == "llama3":
+        return llama3_frequencies(1.0 / base**exponents, scaling, original), 1.0
     if scaling.kind == "dynamic-ntk":  # NTK-aware with a factor that grows with the sequence seen so far
         if seq_len > original:
             base = base * ((factor * seq_len / original) - (factor - 1)) ** (dim / (dim - 2))
@@ -49,6 +51,15 @@ def rope_frequencies(config: ModelConfig, seq_len: int) -> tuple[torch.Tensor, f
     inv_freq = interpolated * ramp + extrapolated * (1 - ramp)
     magnitude = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
     return inv_freq, magnitude
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, scaling, original: int) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling: wavelengths shorter than original/high_freq_factor are kept, longer than
+    original/low_freq_factor are interpolated by `factor`, and those between are blended linearly in 1/wavelength."""
+    wavelength = 2 * math.pi / inv_freq
+    smooth = ((original / wavelength - scaling.low_freq_factor)
+              / (scaling.high_freq_factor - scaling.low_freq_factor)).clamp(0, 1)
+    return (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
 
 
 def rope_cos_sin(config: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,6 +302,13 @@ class Transformer(nn.Module):
         if self.config.tie_embeddings:
             weights.pop("lm_head.weight")
         return weights
+
+
+def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of `config` stores, with its shape (a tied head is stored once, as the embedding)."""
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        model = Transformer(config)
+    return {name: tuple(tensor.shape) for name, tensor in model.export_weights().items()}
 
 
 def init_random_weights(model: Transformer, generator: torch.Generator) -> None:
