@@ -12,6 +12,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 POSITIONS = ("rope", "alibi", "learned", "sinusoidal")
+# swiglu: down(silu(gate(x)) * up(x)); gelu: down(gelu_tanh(up(x))); gelu-exact: down(gelu_erf(up(x))), with biases
+MLPS = ("swiglu", "gelu", "gelu-exact")
 ROPE_SCALINGS = ("linear", "ntk", "dynamic-ntk", "yarn", "llama3")
 
 
@@ -54,19 +56,25 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     norm: str = "rmsnorm"  # or "layernorm"
     norm_eps: float = 1e-5
-    mlp: str = "swiglu"  # or "gelu"
+    mlp: str = "swiglu"  # one of MLPS
     tie_embeddings: bool = False
     qkv_bias: bool = False
     out_bias: bool = False  # a bias on the attention output projection (GPT-2; Llama with attention_bias)
     head_dim_override: int | None = None
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
+    rotary_fraction: float = 1.0  # RoPE on the first fraction of each head's dims only (GPT-NeoX, Phi-3's partial)
+    parallel_residual: bool = False  # x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX, GPT-J)
 
     def __post_init__(self):
         if self.position not in POSITIONS:
             raise ValueError(f"unknown position encoding {self.position!r}; accepted: {', '.join(POSITIONS)}")
         if self.norm not in ("rmsnorm", "layernorm"):
             raise ValueError(f"unknown norm {self.norm!r}; accepted: rmsnorm, layernorm")
-        if self.mlp not in ("swiglu", "gelu"):
-            raise ValueError(f"unknown mlp {self.mlp!r}; accepted: swiglu, gelu")
+        if self.mlp not in MLPS:
+            raise ValueError(f"unknown mlp {self.mlp!r}; accepted: {', '.join(MLPS)}")
+        if not 0 < self.rotary_fraction <= 1 or self.rotary_dim < 2 or self.rotary_dim % 2:
+            raise ValueError(f"rotary_fraction={self.rotary_fraction} gives {self.rotary_dim} rotary dims of "
+                             f"{self.head_dim}; accepted: an even number of dims, at least 2")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.rope_scaling is not None and self.position != "rope":
@@ -75,6 +83,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.head_dim_override or self.d_model // self.n_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading dims of each head RoPE rotates (transformers rounds the fraction down)."""
+        return int(self.head_dim * self.rotary_fraction)
 
     @property
     def attention_kind(self) -> str:
@@ -136,25 +149,33 @@ def to_hf_config(config: ModelConfig) -> dict:
         if config.rope_scaling.kind == "llama3":
             hf["rope_scaling"].update(low_freq_factor=config.rope_scaling.low_freq_factor,
                                       high_freq_factor=config.rope_scaling.high_freq_factor)
-    llama_layout = (config.position, config.norm, config.mlp) == ("rope", "rmsnorm", "swiglu")
-    if llama_layout and config.qkv_bias and not config.out_bias:  # Qwen2's layout: biases on q, k, v only
+    if config.rotary_fraction != 1.0:
+        hf.setdefault("rope_scaling", {"rope_type": "default"})["partial_rotary_factor"] = config.rotary_fraction
+    llama_layout = ((config.position, config.norm, config.mlp, config.parallel_residual, config.rotary_fraction)
+                    == ("rope", "rmsnorm", "swiglu", False, 1.0))
+    if llama_layout and config.qk_norm and config.out_bias == config.qkv_bias:  # Qwen3: q/k norms, Llama's biases
+        hf.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3")
+    elif llama_layout and not config.qk_norm and config.qkv_bias and not config.out_bias:  # Qwen2: q, k, v biases
         hf.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
         del hf["attention_bias"]
-    elif not llama_layout or config.out_bias != config.qkv_bias:
+    elif not llama_layout or config.qk_norm or config.out_bias != config.qkv_bias:
         hf["architectures"] = ["ExactbenchDecoder"]
         hf["model_type"] = "exactbench"
-        hf["exactbench"] = {"position": config.position, "norm": config.norm, "mlp": config.mlp,
-                            "out_bias": config.out_bias}
+        hf["exactbench"] = {key: getattr(config, key) for key in _EXACTBENCH_KEYS}
     return hf
 
 
+# ModelConfig fields an ExactbenchDecoder config.json keeps under "exactbench" (no Hugging Face family has them all)
+_EXACTBENCH_KEYS = ("position", "norm", "mlp", "out_bias", "qk_norm", "parallel_residual")
+
 # model_type -> architecture: what a config.json without `architectures` is read as (as transformers' Auto classes do)
 ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                              "gpt2": "GPT2LMHeadModel", "exactbench": "ExactbenchDecoder"}
+                              "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "gpt2": "GPT2LMHeadModel",
+                              "gpt_neox": "GPTNeoXForCausalLM", "exactbench": "ExactbenchDecoder"}
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURE_OF_MODEL_TYPE.values())
 # RoPE keys the reference model implements; any other (attention_factor, mscale, partial_rotary_factor, ...) is refused
 _ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
-              "low_freq_factor", "high_freq_factor"}
+              "low_freq_factor", "high_freq_factor", "partial_rotary_factor"}
 
 
 def hf_architecture(hf: dict, source: str = "config.json") -> str:
@@ -178,22 +199,24 @@ def unknown_model_type(hf: dict, source: str = "config.json") -> str | None:
     return f"{source}: model_type {model_type!r} is not {arch}'s; read as {arch} (from architectures)"
 
 
-def _rope(hf: dict, source: str) -> tuple[float, RopeScaling | None]:
-    """rope_theta and scaling from transformers 5's rope_parameters or 4.x's rope_theta and rope_scaling."""
+def hf_rope(hf: dict, source: str) -> tuple[float, RopeScaling | None, float]:
+    """rope_theta, scaling and the rotary fraction, from transformers 5's rope_parameters or 4.x's rope_theta,
+    rope_scaling and partial_rotary_factor."""
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind != "default" and kind not in _HF_ROPE_KIND:
+        raise CheckpointError(f"{source}: unsupported rope_scaling type {kind!r}; supported: default, {', '.join(_HF_ROPE_KIND)}")
     unknown = sorted(set(params) - _ROPE_KEYS)
     if unknown:
         raise CheckpointError(f"{source}: unsupported RoPE parameters {unknown}; supported: {', '.join(sorted(_ROPE_KEYS))}")
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    kind = params.get("rope_type", params.get("type", "default"))
+    fraction = float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
     if kind == "default":
-        return theta, None
-    if kind not in _HF_ROPE_KIND:
-        raise CheckpointError(f"{source}: unsupported rope_scaling type {kind!r}; supported: default, {', '.join(_HF_ROPE_KIND)}")
+        return theta, None, fraction
     bounds = {k: float(params[k]) for k in ("beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor")
               if params.get(k) is not None}
     return theta, RopeScaling(_HF_ROPE_KIND[kind], float(params["factor"]), params.get("original_max_position_embeddings"),
-                              **bounds)
+                              **bounds), fraction
 
 
 def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
@@ -203,14 +226,19 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
             from .hf_gpt2 import gpt2_config
 
             return gpt2_config(hf, source)
+        if arch == "GPTNeoXForCausalLM":
+            from .hf_gpt_neox import gpt_neox_config
+
+            return gpt_neox_config(hf, source)
         if hf.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"{source}: hidden_act {hf['hidden_act']!r} unsupported; supported: silu")
         if hf.get("mlp_bias"):
             raise CheckpointError(f"{source}: mlp_bias=true unsupported; supported: false")
-        window = hf.get("sliding_window") if hf.get("use_sliding_window", arch != "Qwen2ForCausalLM") else None
+        qwen = arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
+        window = hf.get("sliding_window") if hf.get("use_sliding_window", not qwen) else None
         if window is not None and window < hf.get("max_position_embeddings", 2048):
             raise CheckpointError(f"{source}: sliding_window={window} unsupported (full causal attention only)")
-        theta, scaling = _rope(hf, source)
+        theta, scaling, rotary_fraction = hf_rope(hf, source)
         n_heads = hf["num_attention_heads"]
         extras = hf.get("exactbench", {})
         qkv_bias = arch == "Qwen2ForCausalLM" or hf.get("attention_bias", False)
@@ -232,6 +260,9 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
             position=extras.get("position", "rope"),
             norm=extras.get("norm", "rmsnorm"),
             mlp=extras.get("mlp", "swiglu"),
+            qk_norm=extras.get("qk_norm", arch == "Qwen3ForCausalLM"),
+            rotary_fraction=rotary_fraction,
+            parallel_residual=extras.get("parallel_residual", False),
         )
     except KeyError as missing:
         raise CheckpointError(f"{source}: missing key {missing}") from None
@@ -295,13 +326,42 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             weights.update(load_file(str(shard)))
         except (SafetensorError, OSError) as error:
             raise CheckpointError(f"{shard}: unreadable safetensors file ({error})") from None
-    if hf_architecture(hf, str(config_file)) == "GPT2LMHeadModel":
+    arch = hf_architecture(hf, str(config_file))
+    if arch == "GPT2LMHeadModel":
         from .hf_gpt2 import gpt2_weights
 
         weights = gpt2_weights(weights, config, str(directory))
+    elif arch == "GPTNeoXForCausalLM":
+        from .hf_gpt_neox import gpt_neox_weights
+
+        weights = gpt_neox_weights(weights, config, str(directory))
+    elif arch == "Phi3ForCausalLM":
+        weights = unfused_phi3_weights(weights, config, str(directory))
     checkpoint = Checkpoint(directory.name, config, without_redundant_tensors(weights, config, str(directory)), directory)
     check_weights(checkpoint)
     return checkpoint
+
+
+def unfused_phi3_weights(weights: dict[str, torch.Tensor], config: ModelConfig, source: str) -> dict[str, torch.Tensor]:
+    """Phi-3 stores each layer's q, k, v as one qkv_proj (q rows, then k, then v) and gate and up as one
+    gate_up_proj (gate rows first): split them into the Llama names the reference model uses."""
+    widths = {"self_attn.qkv_proj": ((config.n_heads * config.head_dim, "self_attn.q_proj"),
+                                     (config.n_kv_heads * config.head_dim, "self_attn.k_proj"),
+                                     (config.n_kv_heads * config.head_dim, "self_attn.v_proj")),
+              "mlp.gate_up_proj": ((config.d_ff, "mlp.gate_proj"), (config.d_ff, "mlp.up_proj"))}
+    out = {}
+    for name, tensor in weights.items():
+        fused = next((f for f in widths if f".{f}." in name), None)
+        if fused is None:
+            out[name] = tensor
+            continue
+        sizes = [size for size, _ in widths[fused]]
+        if tensor.shape[0] != sum(sizes):
+            raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, config needs {sum(sizes)} fused rows "
+                                  f"({' + '.join(map(str, sizes))})")
+        for (_, part_name), part in zip(widths[fused], tensor.split(sizes, dim=0)):
+            out[name.replace(fused, part_name)] = part.contiguous()
+    return out
 
 
 def without_redundant_tensors(weights: dict[str, torch.Tensor], config: ModelConfig, source: str) -> dict[str, torch.Tensor]:

@@ -85,6 +85,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "exactness: deterministic checks that an optimization changes nothing it must not")
     config.addinivalue_line("markers", "bench: timed or memory measurements, recorded and tabulated")
+    config.addinivalue_line("markers", "config_matrix: the built-in configuration matrix (small seeded models), apart from the --model checkpoint")
     try:
         backends = config.getoption("backend") or DEFAULT_BACKENDS
         for name in backends:

@@ -105,7 +105,8 @@ def test_unreadable_tokenizer(tmp_path):
 def test_unsupported_architecture_names_the_supported_ones():
     message = config_error({**LLAMA, "architectures": ["FalconForCausalLM"]})
     assert message == ("x/config.json: unsupported architecture ['FalconForCausalLM']; supported: LlamaForCausalLM, "
-                       "MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel, ExactbenchDecoder")
+                       "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, GPT2LMHeadModel, "
+                       "GPTNeoXForCausalLM, ExactbenchDecoder")
 
 
 @pytest.mark.parametrize("change, expected", [

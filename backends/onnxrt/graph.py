@@ -92,19 +92,19 @@ class DecoderStep(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (B, 1, T, head_dim) as model.rope_cos_sin, with dynamic NTK's base computed in the graph."""
+        """cos, sin (B, 1, T, rotary_dim) as model.rope_cos_sin, with dynamic NTK's base computed in the graph."""
         cfg, inv_freq = self.config, self.inv_freq
         if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "dynamic-ntk":
             # model.rope_frequencies' dynamic-NTK base without the Python branch: the scale is <= 1 (so clamped
             # to 1, leaving the base) exactly when seq_len <= original
-            dim, factor = cfg.head_dim, cfg.rope_scaling.factor
+            dim, factor = cfg.rotary_dim, cfg.rope_scaling.factor
             original = cfg.rope_scaling.original_max_position_embeddings or cfg.max_position_embeddings
             seq_len = positions.max().to(torch.float64) + 1
             scale = (factor * seq_len / original - (factor - 1)).clamp(min=1.0)
             base = cfg.rope_theta * scale ** (dim / (dim - 2))
             inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
         angles = positions.to(torch.float64)[..., None] * inv_freq  # (B, T, head_dim/2)
-        angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, head_dim)
+        angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, rotary_dim)
         return (angles.cos() * self.magnitude).float(), (angles.sin() * self.magnitude).float()
 
     def forward(self, input_ids, position_ids, cache_position, attention_mask, *rest):

@@ -23,8 +23,8 @@ from .attention import IMPLEMENTATIONS
 
 
 def rope_frequencies(config: ModelConfig, seq_len: int) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies (head_dim/2,) and the cos/sin magnitude for a call whose furthest position is seq_len-1."""
-    dim, base, scaling = config.head_dim, config.rope_theta, config.rope_scaling
+    """Inverse frequencies (rotary_dim/2,) and the cos/sin magnitude for a call whose furthest position is seq_len-1."""
+    dim, base, scaling = config.rotary_dim, config.rope_theta, config.rope_scaling
     exponents = torch.arange(0, dim, 2, dtype=torch.float64) / dim
     if scaling is None:
         return 1.0 / base**exponents, 1.0
@@ -63,14 +63,18 @@ def llama3_frequencies(inv_freq: torch.Tensor, scaling, original: int) -> torch.
 
 
 def rope_cos_sin(config: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (B, 1, T, head_dim) for integer positions (B, T)."""
+    """cos, sin of shape (B, 1, T, rotary_dim) for integer positions (B, T)."""
     inv_freq, magnitude = rope_frequencies(config, int(positions.max()) + 1)
     angles = positions.to(torch.float64)[..., None] * inv_freq  # (B, T, head_dim/2)
-    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, head_dim): Llama's half-split layout
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, rotary_dim): Llama's half-split layout
     return (angles.cos() * magnitude).float(), (angles.sin() * magnitude).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] dims of each head (all of them unless RoPE is partial); the rest pass."""
+    if cos.shape[-1] < x.shape[-1]:
+        rotary, rest = x.split([cos.shape[-1], x.shape[-1] - cos.shape[-1]], dim=-1)
+        return torch.cat([apply_rope(rotary, cos, sin), rest], dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
@@ -216,6 +220,8 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * hd, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.n_heads * hd, config.d_model, bias=config.out_bias)
+        if config.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(hd, config.norm_eps), RMSNorm(hd, config.norm_eps)
         if config.position == "alibi":
             self.register_buffer("slopes", alibi_slopes(config.n_heads), persistent=False)
 
@@ -225,6 +231,8 @@ class SelfAttention(nn.Module):
         q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # keys are rotated before they are cached, at their own positions
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v = ctx.keys_values(layer, k, v)  # (B, Hkv, S, D)
@@ -239,7 +247,7 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.swiglu = config.mlp == "swiglu"
+        self.swiglu, self.exact_gelu = config.mlp == "swiglu", config.mlp == "gelu-exact"
         if self.swiglu:
             self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=not self.swiglu)
@@ -248,7 +256,7 @@ class MLP(nn.Module):
     def forward(self, x):
         if self.swiglu:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="none" if self.exact_gelu else "tanh"))
 
 
 class DecoderLayer(nn.Module):
@@ -258,9 +266,13 @@ class DecoderLayer(nn.Module):
         self.self_attn = SelfAttention(config, attention)
         self.post_attention_layernorm = make_norm(config)
         self.mlp = MLP(config)
+        self.parallel = config.parallel_residual
 
     def forward(self, x, layer, ctx, rope):
-        x = x + self.self_attn(self.input_layernorm(x), layer, ctx, rope)
+        attended = self.self_attn(self.input_layernorm(x), layer, ctx, rope)
+        if self.parallel:  # both branches read the layer's input
+            return x + attended + self.mlp(self.post_attention_layernorm(x))
+        x = x + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
