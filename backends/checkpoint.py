@@ -266,6 +266,10 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
         )
     except KeyError as missing:
         raise CheckpointError(f"{source}: missing key {missing}") from None
+    except CheckpointError:
+        raise
+    except ValueError as error:  # ModelConfig's own checks, on values read from the file
+        raise CheckpointError(f"{source}: {error}") from None
 
 
 # --- checkpoints ---------------------------------------------------------------------------------

@@ -111,11 +111,14 @@ def test_unsupported_architecture_names_the_supported_ones():
 
 @pytest.mark.parametrize("change, expected", [
     ({"rope_scaling": {"rope_type": "longrope", "factor": 8.0}}, "unsupported rope_scaling type 'longrope'"),
+    # Phi-3's 128k checkpoints, as transformers 4.x wrote them: the type is named before the unknown keys
+    ({"architectures": ["Phi3ForCausalLM"], "rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}},
+     "unsupported rope_scaling type 'longrope'"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "mscale": 0.7}}, "unsupported RoPE parameters ['mscale']"),
     ({"sliding_window": 16, "max_position_embeddings": 64}, "sliding_window=16 unsupported"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' unsupported; supported: silu"),
     ({"mlp_bias": True}, "mlp_bias=true unsupported"),
-], ids=["longrope", "yarn-mscale", "sliding-window", "gelu-llama", "mlp-bias"])
+], ids=["longrope", "phi3-longrope", "yarn-mscale", "sliding-window", "gelu-llama", "mlp-bias"])
 def test_unsupported_llama_family_options(change, expected):
     assert expected in config_error({**LLAMA, **change})
 
@@ -126,6 +129,29 @@ def test_unsupported_llama_family_options(change, expected):
 ])
 def test_unsupported_gpt2_options(change, expected):
     assert expected in config_error({"architectures": ["GPT2LMHeadModel"], **change})
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"hidden_act": "gelu_new"}, "hidden_act 'gelu_new' unsupported; supported: gelu"),
+    ({"attention_bias": False}, "attention_bias=false unsupported"),
+    ({"rotary_pct": 0.1}, "rotary_fraction=0.1 gives 0 rotary dims of 8"),
+])
+def test_unsupported_gpt_neox_options(change, expected):
+    hf = {"architectures": ["GPTNeoXForCausalLM"], "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1,
+          "num_attention_heads": 4, "intermediate_size": 64}
+    assert expected in config_error({**hf, **change})
+
+
+@pytest.mark.parametrize("architecture, name, rows", [
+    ("GPTNeoXForCausalLM", "gpt_neox.layers.0.attention.query_key_value.weight", "3 * hidden_size = 96 fused q/k/v rows"),
+    ("Phi3ForCausalLM", "model.layers.0.self_attn.qkv_proj.weight", "64 fused rows (32 + 16 + 16)"),
+    ("Phi3ForCausalLM", "model.layers.0.mlp.gate_up_proj.weight", "128 fused rows (64 + 64)"),
+])
+def test_fused_weights_of_the_wrong_width(tmp_path, architecture, name, rows):
+    hf = {**LLAMA, "architectures": [architecture]}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    save_file({name: torch.zeros(40, 32)}, str(tmp_path / "model.safetensors"))
+    assert load_error(tmp_path) == f"{tmp_path}: {name} has shape (40, 32), config needs {rows}"
 
 
 def test_gpt2_fused_qkv_of_the_wrong_width(tmp_path):
@@ -148,7 +174,12 @@ def test_missing_config_key():
     (TINY.replace(out_bias=True), "ExactbenchDecoder"),
     (TINY.replace(rope_scaling=RopeScaling("yarn", 4.0, 32, beta_fast=16.0)), "LlamaForCausalLM"),
     (TINY.replace(position="learned", norm="layernorm", mlp="gelu", qkv_bias=True, out_bias=True), "ExactbenchDecoder"),
-], ids=["llama", "llama-bias", "qwen2", "out-bias-only", "yarn-betas", "gpt2-like"])
+    (TINY.replace(qk_norm=True), "Qwen3ForCausalLM"),
+    (TINY.replace(rope_scaling=RopeScaling("llama3", 8.0, 32, low_freq_factor=2.0, high_freq_factor=8.0)),
+     "LlamaForCausalLM"),
+    (TINY.replace(norm="layernorm", mlp="gelu-exact", qkv_bias=True, out_bias=True, rotary_fraction=0.25,
+                  parallel_residual=True), "ExactbenchDecoder"),  # GPT-NeoX's layout
+], ids=["llama", "llama-bias", "qwen2", "out-bias-only", "yarn-betas", "gpt2-like", "qwen3", "llama3", "neox-like"])
 def test_config_round_trips_through_config_json(config, architecture):
     hf = json.loads(json.dumps(to_hf_config(config)))
     assert hf["architectures"] == [architecture]
