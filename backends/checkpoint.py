@@ -12,8 +12,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 POSITIONS = ("rope", "alibi", "learned", "sinusoidal")
-# swiglu: down(silu(gate(x)) * up(x)); gelu: down(gelu_tanh(up(x))); gelu-exact: down(gelu_erf(up(x))), with biases
-MLPS = ("swiglu", "gelu", "gelu-exact")
+# swiglu: down(silu(gate(x)) * up(x)); geglu: down(gelu_tanh(gate(x)) * up(x)) (Gemma);
+# gelu: down(gelu_tanh(up(x))); gelu-exact: down(gelu_erf(up(x))), these two with biases
+MLPS = ("swiglu", "geglu", "gelu", "gelu-exact")
+# rmsnorm: w * x / rms(x) (Llama); rmsnorm-plus-one: (1 + w) * x / rms(x), in fp32 (Gemma); layernorm
+NORMS = ("rmsnorm", "rmsnorm-plus-one", "layernorm")
 ROPE_SCALINGS = ("linear", "ntk", "dynamic-ntk", "yarn", "llama3")
 
 
@@ -54,7 +57,7 @@ class ModelConfig:
     position: str = "rope"  # one of POSITIONS
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
-    norm: str = "rmsnorm"  # or "layernorm"
+    norm: str = "rmsnorm"  # one of NORMS
     norm_eps: float = 1e-5
     mlp: str = "swiglu"  # one of MLPS
     tie_embeddings: bool = False
@@ -64,12 +67,25 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
     rotary_fraction: float = 1.0  # RoPE on the first fraction of each head's dims only (GPT-NeoX, Phi-3's partial)
     parallel_residual: bool = False  # x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX, GPT-J)
+    # Gemma 2 and 3
+    sandwich_norms: bool = False  # each branch's output normed too: x + norm(attn(norm(x))), x + norm(mlp(norm(x)))
+    embed_scale: bool = False  # token embeddings times sqrt(d_model)
+    query_pre_attn_scalar: float | None = None  # attention scale 1/sqrt(this) instead of 1/sqrt(head_dim)
+    attn_softcap: float | None = None  # attention scores cap * tanh(scores / cap), before the mask
+    logit_softcap: float | None = None  # logits cap * tanh(logits / cap)
+    sliding_window: int | None = None  # a query at position p sees keys at positions > p - sliding_window ...
+    sliding_layers: tuple[int, ...] = ()  # ... in these layers (the others attend to every earlier key)
+    local_rope_theta: float | None = None  # the sliding layers' RoPE base, unscaled (Gemma 3); None: rope_theta
 
     def __post_init__(self):
         if self.position not in POSITIONS:
             raise ValueError(f"unknown position encoding {self.position!r}; accepted: {', '.join(POSITIONS)}")
-        if self.norm not in ("rmsnorm", "layernorm"):
-            raise ValueError(f"unknown norm {self.norm!r}; accepted: rmsnorm, layernorm")
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; accepted: {', '.join(NORMS)}")
+        if bool(self.sliding_layers) != (self.sliding_window is not None):
+            raise ValueError("sliding_window and sliding_layers go together: a window and the layers it applies to")
+        if any(not 0 <= layer < self.n_layers for layer in self.sliding_layers):
+            raise ValueError(f"sliding_layers {list(self.sliding_layers)} outside the {self.n_layers} layers")
         if self.mlp not in MLPS:
             raise ValueError(f"unknown mlp {self.mlp!r}; accepted: {', '.join(MLPS)}")
         if not 0 < self.rotary_fraction <= 1 or self.rotary_dim < 2 or self.rotary_dim % 2:
@@ -88,6 +104,16 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         """How many leading dims of each head RoPE rotates (transformers rounds the fraction down)."""
         return int(self.head_dim * self.rotary_fraction)
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of `layer`, or None where it attends to every earlier key."""
+        return self.sliding_window if layer in self.sliding_layers else None
+
+    def local_rope(self) -> ModelConfig:
+        """The configuration whose RoPE the sliding layers use (Gemma 3: their own base, no scaling)."""
+        if self.local_rope_theta is None:
+            return self
+        return self.replace(rope_theta=self.local_rope_theta, rope_scaling=None)
 
     @property
     def attention_kind(self) -> str:
@@ -108,6 +134,7 @@ class ModelConfig:
         data = dict(data)
         if data.get("rope_scaling") is not None:
             data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
+        data["sliding_layers"] = tuple(data.get("sliding_layers", ()))  # JSON keeps tuples as lists
         return cls(**data)
 
     def replace(self, **changes) -> ModelConfig:

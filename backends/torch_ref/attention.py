@@ -22,9 +22,12 @@ def _repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x if x.shape[1] == n_heads else x.repeat_interleave(n_heads // x.shape[1], dim=1)
 
 
-def naive_attention(q, k, v, allowed, bias, scale):
+def naive_attention(q, k, v, allowed, bias, scale, softcap: float | None = None):
+    """softcap: scores become softcap * tanh(scores / softcap) before the mask (Gemma 2)."""
     k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S), materialized
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if bias is not None:
         scores = scores + bias.to(scores.dtype)
     scores = scores.masked_fill(~allowed, float("-inf"))

@@ -12,14 +12,13 @@ from .attention import IMPLEMENTATIONS, AttentionFn
 from .model import Transformer, TorchKVCache, full_sequence_context
 
 DTYPES = {Quant.FP32: torch.float32, Quant.BF16: torch.bfloat16, Quant.FP16: torch.float16}
-DEFAULT_ATTENTION = Attention.SDPA
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_model(checkpoint: Checkpoint, attention: Attention = DEFAULT_ATTENTION) -> Transformer:
+def build_model(checkpoint: Checkpoint, attention: Attention | None = None) -> Transformer:
     """An fp32 Transformer holding the checkpoint's weights; a shape or name mismatch names the tensor."""
     check_weights(checkpoint)
     model = Transformer(checkpoint.config, attention)
@@ -32,7 +31,7 @@ class TorchRunner(ModelRunner):
         super().__init__(checkpoint, strategy)
         self.device = device
         self.dtype = DTYPES[strategy.quant]
-        self.model = build_model(checkpoint, strategy.attention or DEFAULT_ATTENTION).to(device, self.dtype)
+        self.model = build_model(checkpoint, strategy.attention).to(device, self.dtype)
 
     def new_cache(self, batch_size: int, capacity: int) -> TorchKVCache:
         return TorchKVCache(self.config, batch_size, capacity, self.dtype, self.device)
