@@ -178,8 +178,10 @@ def to_hf_config(config: ModelConfig) -> dict:
                                       high_freq_factor=config.rope_scaling.high_freq_factor)
     if config.rotary_fraction != 1.0:
         hf.setdefault("rope_scaling", {"rope_type": "default"})["partial_rotary_factor"] = config.rotary_fraction
-    llama_layout = ((config.position, config.norm, config.mlp, config.parallel_residual, config.rotary_fraction)
-                    == ("rope", "rmsnorm", "swiglu", False, 1.0))
+    # Llama's layout: every key kept under "exactbench" at its default, but for the biases and q/k norms
+    defaults = ModelConfig.__dataclass_fields__
+    llama_layout = config.rotary_fraction == 1.0 and all(
+        getattr(config, key) == defaults[key].default for key in _EXACTBENCH_KEYS if key not in ("out_bias", "qk_norm"))
     if llama_layout and config.qk_norm and config.out_bias == config.qkv_bias:  # Qwen3: q/k norms, Llama's biases
         hf.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3")
     elif llama_layout and not config.qk_norm and config.qkv_bias and not config.out_bias:  # Qwen2: q, k, v biases
@@ -193,12 +195,15 @@ def to_hf_config(config: ModelConfig) -> dict:
 
 
 # ModelConfig fields an ExactbenchDecoder config.json keeps under "exactbench" (no Hugging Face family has them all)
-_EXACTBENCH_KEYS = ("position", "norm", "mlp", "out_bias", "qk_norm", "parallel_residual")
+_EXACTBENCH_KEYS = ("position", "norm", "mlp", "out_bias", "qk_norm", "parallel_residual", "sandwich_norms", "embed_scale",
+                    "query_pre_attn_scalar", "attn_softcap", "logit_softcap", "sliding_window", "sliding_layers",
+                    "local_rope_theta")
 
 # model_type -> architecture: what a config.json without `architectures` is read as (as transformers' Auto classes do)
 ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                               "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "gpt2": "GPT2LMHeadModel",
-                              "gpt_neox": "GPTNeoXForCausalLM", "exactbench": "ExactbenchDecoder"}
+                              "gpt_neox": "GPTNeoXForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                              "gemma3_text": "Gemma3ForCausalLM", "exactbench": "ExactbenchDecoder"}
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURE_OF_MODEL_TYPE.values())
 # RoPE keys the reference model implements; any other (attention_factor, mscale, partial_rotary_factor, ...) is refused
 _ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
@@ -257,40 +262,50 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
             from .hf_gpt_neox import gpt_neox_config
 
             return gpt_neox_config(hf, source)
+        if arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
+            from .hf_gemma import gemma_config
+
+            return gemma_config(hf, source, arch)
         if hf.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"{source}: hidden_act {hf['hidden_act']!r} unsupported; supported: silu")
         if hf.get("mlp_bias"):
             raise CheckpointError(f"{source}: mlp_bias=true unsupported; supported: false")
         qwen = arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
-        window = hf.get("sliding_window") if hf.get("use_sliding_window", not qwen) else None
-        if window is not None and window < hf.get("max_position_embeddings", 2048):
-            raise CheckpointError(f"{source}: sliding_window={window} unsupported (full causal attention only)")
+        # transformers reads sliding_window for Mistral and Phi-3 (every layer), and for Qwen when enabled
+        windowed = arch in ("MistralForCausalLM", "Phi3ForCausalLM") or (qwen and hf.get("use_sliding_window", False))
+        window = hf.get("sliding_window") if windowed else None
+        if window is not None and window >= hf.get("max_position_embeddings", 2048):
+            window = None  # a window no sequence outgrows
+        if window is not None and qwen:  # Qwen slides only from max_window_layers on
+            raise CheckpointError(f"{source}: sliding_window={window} with use_sliding_window=true unsupported for "
+                                  f"{arch}; supported: Mistral's and Phi-3's, on every layer")
         theta, scaling, rotary_fraction = hf_rope(hf, source)
         n_heads = hf["num_attention_heads"]
-        extras = hf.get("exactbench", {})
         qkv_bias = arch == "Qwen2ForCausalLM" or hf.get("attention_bias", False)
-        return ModelConfig(
-            vocab_size=hf["vocab_size"],
-            d_model=hf["hidden_size"],
-            n_layers=hf["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-            d_ff=hf["intermediate_size"],
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            norm_eps=hf.get("rms_norm_eps", 1e-5),
-            tie_embeddings=hf.get("tie_word_embeddings", False),
-            qkv_bias=qkv_bias,
-            out_bias=extras.get("out_bias", qkv_bias and arch != "Qwen2ForCausalLM"),
-            head_dim_override=hf.get("head_dim") if hf.get("head_dim") != hf["hidden_size"] // n_heads else None,
-            position=extras.get("position", "rope"),
-            norm=extras.get("norm", "rmsnorm"),
-            mlp=extras.get("mlp", "swiglu"),
-            qk_norm=extras.get("qk_norm", arch == "Qwen3ForCausalLM"),
-            rotary_fraction=rotary_fraction,
-            parallel_residual=extras.get("parallel_residual", False),
-        )
+        extras = dict(hf.get("exactbench", {}))
+        if "sliding_layers" in extras:  # JSON keeps tuples as lists
+            extras["sliding_layers"] = tuple(extras["sliding_layers"])
+        return ModelConfig(**{
+            "vocab_size": hf["vocab_size"],
+            "d_model": hf["hidden_size"],
+            "n_layers": hf["num_hidden_layers"],
+            "n_heads": n_heads,
+            "n_kv_heads": hf.get("num_key_value_heads") or n_heads,
+            "d_ff": hf["intermediate_size"],
+            "max_position_embeddings": hf.get("max_position_embeddings", 2048),
+            "rope_theta": theta,
+            "rope_scaling": scaling,
+            "norm_eps": hf.get("rms_norm_eps", 1e-5),
+            "tie_embeddings": hf.get("tie_word_embeddings", False),
+            "qkv_bias": qkv_bias,
+            "out_bias": qkv_bias and arch != "Qwen2ForCausalLM",
+            "head_dim_override": hf.get("head_dim") if hf.get("head_dim") != hf["hidden_size"] // n_heads else None,
+            "qk_norm": arch == "Qwen3ForCausalLM",
+            "rotary_fraction": rotary_fraction,
+            "sliding_window": window,
+            "sliding_layers": tuple(range(hf["num_hidden_layers"])) if window is not None else (),
+            **extras,  # an ExactbenchDecoder's own layout
+        })
     except KeyError as missing:
         raise CheckpointError(f"{source}: missing key {missing}") from None
     except CheckpointError:

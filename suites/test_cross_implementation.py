@@ -74,6 +74,18 @@ FAMILIES = {
                                                                   "partial_rotary_factor": 0.5})),
     # parallel residual, RoPE on a quarter of each head, q/k/v fused per head, exact GELU
     "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(SMALL, bos_token_id=0, eos_token_id=0)),
+    # sliding windows of 8 positions, shorter than the 44-token sequences: layer 0 slides, layer 1 is global.
+    # Soft-caps small enough to bite on these logits and scores
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(SMALL, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=32, sliding_window=8,
+                    attn_logit_softcapping=3.0, final_logit_softcapping=4.0)),
+    # Gemma 3: q/k norms; the sliding layer has its own RoPE base, the global one a linear scaling
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(SMALL, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                    layer_types=["sliding_attention", "full_attention"],
+                    rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}})),
+    "mistral-sliding-window": ("MistralConfig", "MistralForCausalLM", dict(SMALL, num_key_value_heads=2, sliding_window=8)),
 }
 MODEL = "--model"  # the case of the user's checkpoint
 

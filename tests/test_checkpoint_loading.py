@@ -106,7 +106,7 @@ def test_unsupported_architecture_names_the_supported_ones():
     message = config_error({**LLAMA, "architectures": ["FalconForCausalLM"]})
     assert message == ("x/config.json: unsupported architecture ['FalconForCausalLM']; supported: LlamaForCausalLM, "
                        "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, GPT2LMHeadModel, "
-                       "GPTNeoXForCausalLM, ExactbenchDecoder")
+                       "GPTNeoXForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, ExactbenchDecoder")
 
 
 @pytest.mark.parametrize("change, expected", [
@@ -115,10 +115,11 @@ def test_unsupported_architecture_names_the_supported_ones():
     ({"architectures": ["Phi3ForCausalLM"], "rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}},
      "unsupported rope_scaling type 'longrope'"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "mscale": 0.7}}, "unsupported RoPE parameters ['mscale']"),
-    ({"sliding_window": 16, "max_position_embeddings": 64}, "sliding_window=16 unsupported"),
+    ({"architectures": ["Qwen2ForCausalLM"], "sliding_window": 16, "use_sliding_window": True},
+     "sliding_window=16 with use_sliding_window=true unsupported for Qwen2ForCausalLM"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' unsupported; supported: silu"),
     ({"mlp_bias": True}, "mlp_bias=true unsupported"),
-], ids=["longrope", "phi3-longrope", "yarn-mscale", "sliding-window", "gelu-llama", "mlp-bias"])
+], ids=["longrope", "phi3-longrope", "yarn-mscale", "qwen-sliding-window", "gelu-llama", "mlp-bias"])
 def test_unsupported_llama_family_options(change, expected):
     assert expected in config_error({**LLAMA, **change})
 
@@ -184,6 +185,17 @@ def test_config_round_trips_through_config_json(config, architecture):
     hf = json.loads(json.dumps(to_hf_config(config)))
     assert hf["architectures"] == [architecture]
     assert from_hf_config(hf) == config
+
+
+def test_sliding_window_is_read_where_transformers_reads_it():
+    """Mistral and Phi-3 slide on every layer once the window is shorter than the context; Llama has no window."""
+    mistral = from_hf_config({**LLAMA, "architectures": ["MistralForCausalLM"], "sliding_window": 16,
+                              "max_position_embeddings": 64})
+    assert (mistral.sliding_window, mistral.sliding_layers) == (16, (0,))
+    assert from_hf_config({**LLAMA, "sliding_window": 16, "max_position_embeddings": 64}).sliding_window is None
+    long = from_hf_config({**LLAMA, "architectures": ["MistralForCausalLM"], "sliding_window": 4096,
+                           "max_position_embeddings": 4096})
+    assert long.sliding_window is None
 
 
 def test_transformers5_rope_parameters():
@@ -258,3 +270,15 @@ def test_llama3_frequencies_keep_short_wavelengths_and_interpolate_long_ones():
     between = ~short & ~long
     assert bool(((scaled[between] < plain[between]) & (scaled[between] > plain[between] / 8)).all())
     assert magnitude == 1.0
+
+
+def test_attention_softcap_refuses_kernels_that_cannot_cap():
+    """Gemma 2's soft-capped scores exist only in the naive kernel: the default picks it, others are refused."""
+    from backends.base import UnsupportedModel
+    from backends.strategies import Attention
+
+    checkpoint = random_checkpoint(TINY.replace(attn_softcap=50.0))
+    assert build_model(checkpoint).model.layers[0].self_attn.kernel.func.__name__ == "naive_attention"
+    with pytest.raises(UnsupportedModel, match="attention soft-capping .Gemma 2. needs the scores materialized: "
+                                               "attention naive only, not sdpa"):
+        build_model(checkpoint, Attention.SDPA)

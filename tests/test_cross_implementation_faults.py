@@ -11,6 +11,7 @@ import torch
 import backends.checkpoint
 import backends.hf_gpt2
 import backends.hf_gpt_neox
+import backends.torch_ref.attention
 import backends.torch_ref.model
 from backends.checkpoint import ModelConfig
 from backends.registry import register, unregister
@@ -22,7 +23,7 @@ transformers = pytest.importorskip("transformers", reason="transformers (an opti
 # pytester's in-process runs unload the modules each run imported; transformers imports lazily, and a
 # second import of its modules breaks save_pretrained. Import the classes the suite uses here, once.
 for name in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
-             "GPT2LMHeadModel", "GPTNeoXForCausalLM"):
+             "GPT2LMHeadModel", "GPTNeoXForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"):
     getattr(transformers, name)
 
 SUITE = str(Path(__file__).resolve().parents[1] / "suites" / "test_cross_implementation.py")
@@ -170,4 +171,20 @@ def test_qk_norm_loaded_but_not_applied_is_caught(pytester, monkeypatch):
 def test_llama3_rope_read_as_linear_scaling_is_caught(pytester, monkeypatch):
     monkeypatch.setitem(backends.checkpoint._HF_ROPE_KIND, "llama3", "linear")
     result = run_suite(pytester, "logits and llama3-rope")
+    result.assert_outcomes(failed=1)
+
+
+def test_sliding_window_ignored_is_caught(pytester, monkeypatch):
+    """Every key visible in the sliding layers: right until the sequence outgrows the window (8 of 24 tokens)."""
+    monkeypatch.setattr(backends.torch_ref.model.AttentionContext, "within",
+                        lambda self, window: torch.ones((), dtype=torch.bool))
+    result = run_suite(pytester, "logits and (gemma2 or gemma3 or mistral-sliding-window or llama-gqa)")
+    result.assert_outcomes(failed=3, passed=1)
+
+
+def test_attention_softcap_ignored_is_caught(pytester, monkeypatch):
+    monkeypatch.setattr(backends.torch_ref.model, "naive_attention",
+                        lambda q, k, v, allowed, bias, scale, softcap=None:
+                        backends.torch_ref.attention.naive_attention(q, k, v, allowed, bias, scale))
+    result = run_suite(pytester, "logits and gemma2")
     result.assert_outcomes(failed=1)
