@@ -17,7 +17,7 @@ POSITIONS = ("rope", "alibi", "learned", "sinusoidal")
 MLPS = ("swiglu", "geglu", "gelu", "gelu-exact")
 # rmsnorm: w * x / rms(x) (Llama); rmsnorm-plus-one: (1 + w) * x / rms(x), in fp32 (Gemma); layernorm
 NORMS = ("rmsnorm", "rmsnorm-plus-one", "layernorm")
-ROPE_SCALINGS = ("linear", "ntk", "dynamic-ntk", "yarn", "llama3")
+ROPE_SCALINGS = ("linear", "ntk", "dynamic-ntk", "yarn", "llama3", "longrope")
 
 
 class CheckpointError(ValueError):
@@ -37,10 +37,16 @@ class RopeScaling:
     beta_slow: float = 1.0
     low_freq_factor: float = 1.0  # Llama 3.1's wavelength bounds: original / low_freq_factor and / high_freq_factor
     high_freq_factor: float = 4.0
+    # LongRoPE (Phi-3): per-frequency divisors, short up to original_max_position_embeddings, long beyond
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float | None = None  # cos/sin magnitude (YaRN, LongRoPE); None: derived from factor
 
     def __post_init__(self):
         if self.kind not in ROPE_SCALINGS:
             raise ValueError(f"unknown RoPE scaling {self.kind!r}; accepted: {', '.join(ROPE_SCALINGS)}")
+        for name in ("short_factor", "long_factor"):  # JSON gives lists; a frozen config keeps tuples
+            object.__setattr__(self, name, tuple(float(f) for f in getattr(self, name)))
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,11 @@ class ModelConfig:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.rope_scaling is not None and self.position != "rope":
             raise ValueError("rope_scaling is only meaningful with position='rope'")
+        if self.rope_scaling is not None and self.rope_scaling.kind == "longrope":
+            lengths = {len(self.rope_scaling.short_factor), len(self.rope_scaling.long_factor)}
+            if lengths != {self.rotary_dim // 2}:
+                raise ValueError(f"longrope short_factor and long_factor have {sorted(lengths)} entries; "
+                                 f"accepted: rotary_dim / 2 = {self.rotary_dim // 2} each")
 
     @property
     def head_dim(self) -> int:
@@ -143,7 +154,8 @@ class ModelConfig:
 
 # --- Hugging Face config.json -------------------------------------------------------------------
 
-_HF_ROPE_KIND = {"linear": "linear", "dynamic": "dynamic-ntk", "yarn": "yarn", "ntk": "ntk", "llama3": "llama3"}
+_HF_ROPE_KIND = {"linear": "linear", "dynamic": "dynamic-ntk", "yarn": "yarn", "ntk": "ntk", "llama3": "llama3",
+                 "longrope": "longrope"}
 
 
 def to_hf_config(config: ModelConfig) -> dict:
@@ -176,6 +188,11 @@ def to_hf_config(config: ModelConfig) -> dict:
         if config.rope_scaling.kind == "llama3":
             hf["rope_scaling"].update(low_freq_factor=config.rope_scaling.low_freq_factor,
                                       high_freq_factor=config.rope_scaling.high_freq_factor)
+        if config.rope_scaling.kind == "longrope":
+            hf["rope_scaling"].update(short_factor=list(config.rope_scaling.short_factor),
+                                      long_factor=list(config.rope_scaling.long_factor))
+        if config.rope_scaling.attention_factor is not None:
+            hf["rope_scaling"]["attention_factor"] = config.rope_scaling.attention_factor
     if config.rotary_fraction != 1.0:
         hf.setdefault("rope_scaling", {"rope_type": "default"})["partial_rotary_factor"] = config.rotary_fraction
     # Llama's layout: every key kept under "exactbench" at its default, but for the biases and q/k norms
@@ -207,7 +224,8 @@ ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralFo
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURE_OF_MODEL_TYPE.values())
 # RoPE keys the reference model implements; any other (attention_factor, mscale, partial_rotary_factor, ...) is refused
 _ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
-              "low_freq_factor", "high_freq_factor", "partial_rotary_factor"}
+              "low_freq_factor", "high_freq_factor", "partial_rotary_factor", "short_factor", "long_factor",
+              "attention_factor"}
 
 
 def hf_architecture(hf: dict, source: str = "config.json") -> str:
@@ -245,10 +263,16 @@ def hf_rope(hf: dict, source: str) -> tuple[float, RopeScaling | None, float]:
     fraction = float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
     if kind == "default":
         return theta, None, fraction
-    bounds = {k: float(params[k]) for k in ("beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor")
-              if params.get(k) is not None}
-    return theta, RopeScaling(_HF_ROPE_KIND[kind], float(params["factor"]), params.get("original_max_position_embeddings"),
-                              **bounds), fraction
+    bounds = {k: params[k] for k in ("beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor", "short_factor",
+                                     "long_factor", "attention_factor") if params.get(k) is not None}
+    # Phi-3 keeps original_max_position_embeddings beside rope_scaling and may leave the factor out
+    original = params.get("original_max_position_embeddings", hf.get("original_max_position_embeddings"))
+    factor = params.get("factor")
+    if factor is None and kind == "longrope" and original:
+        factor = hf.get("max_position_embeddings", 2048) / original
+    if factor is None:
+        raise CheckpointError(f"{source}: rope_scaling type {kind!r} without a factor")
+    return theta, RopeScaling(_HF_ROPE_KIND[kind], float(factor), original, **bounds), fraction
 
 
 def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:

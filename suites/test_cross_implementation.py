@@ -72,6 +72,14 @@ FAMILIES = {
                             dict(SMALL, num_key_value_heads=2, sliding_window=None, pad_token_id=0, bos_token_id=0,
                                  eos_token_id=0, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                                   "partial_rotary_factor": 0.5})),
+    # LongRoPE: short divisors up to 32 positions, long ones past it (the 44-token sequences cross it)
+    "phi3-longrope": ("Phi3Config", "Phi3ForCausalLM",
+                      dict(SMALL, num_key_value_heads=2, sliding_window=None, pad_token_id=0, bos_token_id=0,
+                           eos_token_id=0, original_max_position_embeddings=32,
+                           rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                            "original_max_position_embeddings": 32,
+                                            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 3.5],
+                                            "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 8.0, 10.0, 12.0]})),
     # parallel residual, RoPE on a quarter of each head, q/k/v fused per head, exact GELU
     "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(SMALL, bos_token_id=0, eos_token_id=0)),
     # sliding windows of 8 positions, shorter than the 44-token sequences: layer 0 slides, layer 1 is global.

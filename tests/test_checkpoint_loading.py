@@ -110,16 +110,17 @@ def test_unsupported_architecture_names_the_supported_ones():
 
 
 @pytest.mark.parametrize("change, expected", [
-    ({"rope_scaling": {"rope_type": "longrope", "factor": 8.0}}, "unsupported rope_scaling type 'longrope'"),
-    # Phi-3's 128k checkpoints, as transformers 4.x wrote them: the type is named before the unknown keys
-    ({"architectures": ["Phi3ForCausalLM"], "rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}},
-     "unsupported rope_scaling type 'longrope'"),
+    ({"rope_scaling": {"rope_type": "su", "factor": 8.0}}, "unsupported rope_scaling type 'su'"),
+    # the type is named before the keys it would have read
+    ({"rope_scaling": {"type": "su", "short_factor": [1.0], "long_factor": [2.0]}}, "unsupported rope_scaling type 'su'"),
+    ({"rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [2.0], "factor": 2.0}},
+     "longrope short_factor and long_factor have [1] entries; accepted: rotary_dim / 2 = 4 each"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "mscale": 0.7}}, "unsupported RoPE parameters ['mscale']"),
     ({"architectures": ["Qwen2ForCausalLM"], "sliding_window": 16, "use_sliding_window": True},
      "sliding_window=16 with use_sliding_window=true unsupported for Qwen2ForCausalLM"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' unsupported; supported: silu"),
     ({"mlp_bias": True}, "mlp_bias=true unsupported"),
-], ids=["longrope", "phi3-longrope", "yarn-mscale", "qwen-sliding-window", "gelu-llama", "mlp-bias"])
+], ids=["su-rope", "su-rope-factors", "longrope-lengths", "yarn-mscale", "qwen-sliding-window", "gelu-llama", "mlp-bias"])
 def test_unsupported_llama_family_options(change, expected):
     assert expected in config_error({**LLAMA, **change})
 
@@ -176,15 +177,30 @@ def test_missing_config_key():
     (TINY.replace(rope_scaling=RopeScaling("yarn", 4.0, 32, beta_fast=16.0)), "LlamaForCausalLM"),
     (TINY.replace(position="learned", norm="layernorm", mlp="gelu", qkv_bias=True, out_bias=True), "ExactbenchDecoder"),
     (TINY.replace(qk_norm=True), "Qwen3ForCausalLM"),
+    (TINY.replace(rope_scaling=RopeScaling("longrope", 4.0, 16, short_factor=(1, 2, 3, 4), long_factor=(5, 6, 7, 8),
+                                           attention_factor=1.5)), "LlamaForCausalLM"),
+    (TINY.replace(norm="rmsnorm-plus-one", mlp="geglu", sandwich_norms=True, embed_scale=True, query_pre_attn_scalar=8,
+                  attn_softcap=50.0, logit_softcap=30.0, sliding_window=4, sliding_layers=(0,), local_rope_theta=1000.0,
+                  qk_norm=True), "ExactbenchDecoder"),  # Gemma's layout
     (TINY.replace(rope_scaling=RopeScaling("llama3", 8.0, 32, low_freq_factor=2.0, high_freq_factor=8.0)),
      "LlamaForCausalLM"),
     (TINY.replace(norm="layernorm", mlp="gelu-exact", qkv_bias=True, out_bias=True, rotary_fraction=0.25,
                   parallel_residual=True), "ExactbenchDecoder"),  # GPT-NeoX's layout
-], ids=["llama", "llama-bias", "qwen2", "out-bias-only", "yarn-betas", "gpt2-like", "qwen3", "llama3", "neox-like"])
+], ids=["llama", "llama-bias", "qwen2", "out-bias-only", "yarn-betas", "gpt2-like", "qwen3", "longrope", "gemma-like", "llama3",
+                               "neox-like"])
 def test_config_round_trips_through_config_json(config, architecture):
     hf = json.loads(json.dumps(to_hf_config(config)))
     assert hf["architectures"] == [architecture]
     assert from_hf_config(hf) == config
+
+
+def test_phi3_longrope_as_transformers_4_wrote_it():
+    """original_max_position_embeddings beside rope_scaling, no factor: it is max / original."""
+    hf = {**LLAMA, "architectures": ["Phi3ForCausalLM"], "max_position_embeddings": 131072,
+          "original_max_position_embeddings": 4096,
+          "rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.1, 1.2, 1.3], "long_factor": [2.0, 3.0, 4.0, 5.0]}}
+    assert from_hf_config(hf).rope_scaling == RopeScaling("longrope", 32.0, 4096, short_factor=(1.0, 1.1, 1.2, 1.3),
+                                                          long_factor=(2.0, 3.0, 4.0, 5.0))
 
 
 def test_sliding_window_is_read_where_transformers_reads_it():

@@ -188,3 +188,11 @@ def test_attention_softcap_ignored_is_caught(pytester, monkeypatch):
                         backends.torch_ref.attention.naive_attention(q, k, v, allowed, bias, scale))
     result = run_suite(pytester, "logits and gemma2")
     result.assert_outcomes(failed=1)
+
+
+def test_longrope_long_factors_never_used_is_caught(pytester, monkeypatch):
+    """LongRoPE switches to its long divisors once a sequence passes the original context (32 of 24 + 32 here)."""
+    faithful = backends.torch_ref.model.rope_frequencies
+    monkeypatch.setattr(backends.torch_ref.model, "rope_frequencies", lambda config, seq_len: faithful(config, 1))
+    result = run_suite(pytester, "greedy and phi3-longrope")
+    result.assert_outcomes(failed=2)

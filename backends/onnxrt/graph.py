@@ -98,6 +98,10 @@ class DecoderStep(nn.Module):
         local_inv_freq, self.local_magnitude = rope_frequencies(self.config.local_rope(), 1)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("local_inv_freq", local_inv_freq, persistent=False)
+        scaling = self.config.rope_scaling
+        if scaling is not None and scaling.kind == "longrope":  # the frequencies past the original context
+            self.original = scaling.original_max_position_embeddings or self.config.max_position_embeddings
+            self.register_buffer("long_inv_freq", rope_frequencies(self.config, self.original + 1)[0], persistent=False)
 
     def rope(self, positions: torch.Tensor, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (B, 1, T, rotary_dim) as model.rope_cos_sin, with dynamic NTK's base computed in the graph;
@@ -113,6 +117,8 @@ class DecoderStep(nn.Module):
             scale = (factor * seq_len / original - (factor - 1)).clamp(min=1.0)
             base = cfg.rope_theta * scale ** (dim / (dim - 2))
             inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "longrope":  # model.rope_frequencies' switch
+            inv_freq = torch.where(positions.max() + 1 > self.original, self.long_inv_freq, inv_freq)
         angles = positions.to(torch.float64)[..., None] * inv_freq  # (B, T, rotary_dim/2)
         angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, rotary_dim)
         return (angles.cos() * magnitude).float(), (angles.sin() * magnitude).float()

@@ -37,6 +37,10 @@ def rope_frequencies(config: ModelConfig, seq_len: int) -> tuple[torch.Tensor, f
         return 1.0 / (base * factor ** (dim / (dim - 2))) ** exponents, 1.0
     if scaling.kind == "llama3":
         return llama3_frequencies(1.0 / base**exponents, scaling, original), 1.0
+    if scaling.kind == "longrope":  # LongRoPE (Ding et al. 2024): searched divisors, the long ones past `original`
+        divisors = torch.tensor(scaling.long_factor if seq_len > original else scaling.short_factor, dtype=torch.float64)
+        magnitude = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+        return 1.0 / (divisors * base**exponents), scaling.attention_factor or magnitude
     if scaling.kind == "dynamic-ntk":  # NTK-aware with a factor that grows with the sequence seen so far
         if seq_len > original:
             base = base * ((factor * seq_len / original) - (factor - 1)) ** (dim / (dim - 2))
@@ -51,7 +55,7 @@ def rope_frequencies(config: ModelConfig, seq_len: int) -> tuple[torch.Tensor, f
     extrapolated, interpolated = 1.0 / base**exponents, 1.0 / (factor * base**exponents)
     inv_freq = interpolated * ramp + extrapolated * (1 - ramp)
     magnitude = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
-    return inv_freq, magnitude
+    return inv_freq, scaling.attention_factor or magnitude
 
 
 def llama3_frequencies(inv_freq: torch.Tensor, scaling, original: int) -> torch.Tensor:
