@@ -67,9 +67,9 @@ FAMILIES = {
                                                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                                      "original_max_position_embeddings": 32})),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(SMALL, num_key_value_heads=2, head_dim=16)),
-    # fused qkv_proj and gate_up_proj; RoPE on half of each head
-    "phi3-partial-rotary": ("Phi3Config", "Phi3ForCausalLM",
-                            dict(SMALL, num_key_value_heads=2, sliding_window=None, pad_token_id=0, bos_token_id=0,
+    # fused qkv_proj and gate_up_proj; RoPE on half of each head; a sliding window of 8 on every layer
+    "phi3-partial-rotary-window": ("Phi3Config", "Phi3ForCausalLM",
+                            dict(SMALL, num_key_value_heads=2, sliding_window=8, pad_token_id=0, bos_token_id=0,
                                  eos_token_id=0, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                                   "partial_rotary_factor": 0.5})),
     # LongRoPE: short divisors up to 32 positions, long ones past it (the 44-token sequences cross it)
@@ -82,6 +82,8 @@ FAMILIES = {
                                             "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 8.0, 10.0, 12.0]})),
     # parallel residual, RoPE on a quarter of each head, q/k/v fused per head, exact GELU
     "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(SMALL, bos_token_id=0, eos_token_id=0)),
+    "gpt-neox-sequential": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
+                            dict(SMALL, bos_token_id=0, eos_token_id=0, use_parallel_residual=False)),
     # sliding windows of 8 positions, shorter than the 44-token sequences: layer 0 slides, layer 1 is global.
     # Soft-caps small enough to bite on these logits and scores
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
@@ -126,7 +128,7 @@ def family_dir(tmp_path_factory):
             config = getattr(transformers, config_class)(**keywords)
             model = getattr(transformers, model_class)(config)
             redraw_weights(model, seed=sorted(FAMILIES).index(family))
-            built[family] = tmp_path_factory.mktemp(family)
+            built[family] = tmp_path_factory.mktemp(family, numbered=False)  # the directory names the model
             model.save_pretrained(built[family])
         return built[family]
 
@@ -195,7 +197,7 @@ def model_dir(case_checkpoint, tmp_path_factory):
     without a directory is saved as one."""
     directory = case_checkpoint.directory
     if directory is None:
-        directory = tmp_path_factory.mktemp(case_checkpoint.name)
+        directory = tmp_path_factory.mktemp("built-in") / case_checkpoint.name  # the directory names the model
         case_checkpoint.save(directory)
     arch = hf_architecture(json.loads((directory / "config.json").read_text()))
     if not hasattr(transformers, arch):

@@ -143,15 +143,20 @@ def test_neox_qkv_read_as_three_blocks_is_caught(pytester, monkeypatch):
 
     monkeypatch.setattr(backends.hf_gpt_neox, "gpt_neox_weights", blockwise)
     result = run_suite(pytester, "logits and gpt-neox")
-    result.assert_outcomes(failed=1)
+    result.assert_outcomes(failed=2)
 
 
-def test_sequential_residual_for_a_parallel_one_is_caught(pytester, monkeypatch):
+def test_residual_kind_swapped_is_caught(pytester, monkeypatch):
+    """use_parallel_residual read the wrong way round: both GPT-NeoX layouts fail."""
     faithful = backends.hf_gpt_neox.gpt_neox_config
-    monkeypatch.setattr(backends.hf_gpt_neox, "gpt_neox_config",
-                        lambda hf, source: faithful(hf, source).replace(parallel_residual=False))
+
+    def swapped(hf, source):
+        config = faithful(hf, source)
+        return config.replace(parallel_residual=not config.parallel_residual)
+
+    monkeypatch.setattr(backends.hf_gpt_neox, "gpt_neox_config", swapped)
     result = run_suite(pytester, "logits and gpt-neox")
-    result.assert_outcomes(failed=1)
+    result.assert_outcomes(failed=2)
 
 
 def test_qk_norm_loaded_but_not_applied_is_caught(pytester, monkeypatch):
@@ -178,8 +183,8 @@ def test_sliding_window_ignored_is_caught(pytester, monkeypatch):
     """Every key visible in the sliding layers: right until the sequence outgrows the window (8 of 24 tokens)."""
     monkeypatch.setattr(backends.torch_ref.model.AttentionContext, "within",
                         lambda self, window: torch.ones((), dtype=torch.bool))
-    result = run_suite(pytester, "logits and (gemma2 or gemma3 or mistral-sliding-window or llama-gqa)")
-    result.assert_outcomes(failed=3, passed=1)
+    result = run_suite(pytester, "logits and (gemma2 or gemma3 or window or llama-gqa)")
+    result.assert_outcomes(failed=4, passed=1)
 
 
 def test_attention_softcap_ignored_is_caught(pytester, monkeypatch):
