@@ -298,3 +298,30 @@ def test_attention_softcap_refuses_kernels_that_cannot_cap():
     with pytest.raises(UnsupportedModel, match="attention soft-capping .Gemma 2. needs the scores materialized: "
                                                "attention naive only, not sdpa"):
         build_model(checkpoint, Attention.SDPA)
+
+
+@pytest.mark.parametrize("config_class, architecture", [
+    ("LlamaConfig", "LlamaForCausalLM"), ("MistralConfig", "MistralForCausalLM"), ("Qwen2Config", "Qwen2ForCausalLM"),
+    ("Qwen3Config", "Qwen3ForCausalLM"), ("Phi3Config", "Phi3ForCausalLM"), ("GPT2Config", "GPT2LMHeadModel"),
+    ("GPTNeoXConfig", "GPTNeoXForCausalLM"), ("Gemma2Config", "Gemma2ForCausalLM"),
+    ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+])
+def test_transformers_default_configs_are_read(config_class, architecture):
+    """Each family's config.json as transformers writes it by default (the released models' shapes): read, not refused."""
+    transformers = pytest.importorskip("transformers", reason="transformers (an optional test dependency) is not installed")
+    hf = json.loads(getattr(transformers, config_class)().to_json_string())
+    config = from_hf_config({**hf, "architectures": [architecture]})
+    assert (config.vocab_size, config.n_layers) == (hf["vocab_size"], hf.get("num_hidden_layers", hf.get("n_layer")))
+
+
+def test_released_long_context_configs_are_read():
+    """Llama 3.1's and Phi-3-mini-128k's RoPE scaling, as their config.json files state it."""
+    llama31 = {**LLAMA, "max_position_embeddings": 131072, "rope_theta": 500000.0,
+               "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
+    assert from_hf_config(llama31).rope_scaling == RopeScaling("llama3", 8.0, 8192)
+    phi3 = {**LLAMA, "architectures": ["Phi3ForCausalLM"], "max_position_embeddings": 131072,
+            "original_max_position_embeddings": 4096, "sliding_window": 262144,
+            "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.5] * 4}}
+    config = from_hf_config(phi3)
+    assert (config.rope_scaling.kind, config.rope_scaling.factor, config.sliding_window) == ("longrope", 32.0, None)
