@@ -222,7 +222,7 @@ ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralFo
                               "gpt_neox": "GPTNeoXForCausalLM", "gemma2": "Gemma2ForCausalLM",
                               "gemma3_text": "Gemma3ForCausalLM", "exactbench": "ExactbenchDecoder"}
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURE_OF_MODEL_TYPE.values())
-# RoPE keys the reference model implements; any other (attention_factor, mscale, partial_rotary_factor, ...) is refused
+# RoPE keys the reference model implements; any other (YaRN's mscale and mscale_all_dim, truncate, ...) is refused
 _ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
               "low_freq_factor", "high_freq_factor", "partial_rotary_factor", "short_factor", "long_factor",
               "attention_factor"}
@@ -279,15 +279,15 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
     arch = hf_architecture(hf, source)
     try:
         if arch == "GPT2LMHeadModel":
-            from .hf_gpt2 import gpt2_config
+            from .families.gpt2 import gpt2_config
 
             return gpt2_config(hf, source)
         if arch == "GPTNeoXForCausalLM":
-            from .hf_gpt_neox import gpt_neox_config
+            from .families.gpt_neox import gpt_neox_config
 
             return gpt_neox_config(hf, source)
         if arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
-            from .hf_gemma import gemma_config
+            from .families.gemma import gemma_config
 
             return gemma_config(hf, source, arch)
         if hf.get("hidden_act", "silu") != "silu":
@@ -398,40 +398,20 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             raise CheckpointError(f"{shard}: unreadable safetensors file ({error})") from None
     arch = hf_architecture(hf, str(config_file))
     if arch == "GPT2LMHeadModel":
-        from .hf_gpt2 import gpt2_weights
+        from .families.gpt2 import gpt2_weights
 
         weights = gpt2_weights(weights, config, str(directory))
     elif arch == "GPTNeoXForCausalLM":
-        from .hf_gpt_neox import gpt_neox_weights
+        from .families.gpt_neox import gpt_neox_weights
 
         weights = gpt_neox_weights(weights, config, str(directory))
     elif arch == "Phi3ForCausalLM":
-        weights = unfused_phi3_weights(weights, config, str(directory))
+        from .families.phi3 import phi3_weights
+
+        weights = phi3_weights(weights, config, str(directory))
     checkpoint = Checkpoint(directory.name, config, without_redundant_tensors(weights, config, str(directory)), directory)
     check_weights(checkpoint)
     return checkpoint
-
-
-def unfused_phi3_weights(weights: dict[str, torch.Tensor], config: ModelConfig, source: str) -> dict[str, torch.Tensor]:
-    """Phi-3 stores each layer's q, k, v as one qkv_proj (q rows, then k, then v) and gate and up as one
-    gate_up_proj (gate rows first): split them into the Llama names the reference model uses."""
-    widths = {"self_attn.qkv_proj": ((config.n_heads * config.head_dim, "self_attn.q_proj"),
-                                     (config.n_kv_heads * config.head_dim, "self_attn.k_proj"),
-                                     (config.n_kv_heads * config.head_dim, "self_attn.v_proj")),
-              "mlp.gate_up_proj": ((config.d_ff, "mlp.gate_proj"), (config.d_ff, "mlp.up_proj"))}
-    out = {}
-    for name, tensor in weights.items():
-        fused = next((f for f in widths if f".{f}." in name), None)
-        if fused is None:
-            out[name] = tensor
-            continue
-        sizes = [size for size, _ in widths[fused]]
-        if tensor.shape[0] != sum(sizes):
-            raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, config needs {sum(sizes)} fused rows "
-                                  f"({' + '.join(map(str, sizes))})")
-        for (_, part_name), part in zip(widths[fused], tensor.split(sizes, dim=0)):
-            out[name.replace(fused, part_name)] = part.contiguous()
-    return out
 
 
 def without_redundant_tensors(weights: dict[str, torch.Tensor], config: ModelConfig, source: str) -> dict[str, torch.Tensor]:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import backends.checkpoint
-import backends.hf_gpt2
-import backends.hf_gpt_neox
+import backends.families.gpt2
+import backends.families.gpt_neox
 import backends.torch_ref.attention
 import backends.torch_ref.model
 from backends.checkpoint import ModelConfig
@@ -73,7 +73,7 @@ def test_interleaved_rope_is_caught(pytester, monkeypatch):
 
 
 def test_fused_qkv_split_in_the_wrong_order_is_caught(pytester, monkeypatch):
-    faithful = backends.hf_gpt2.gpt2_weights
+    faithful = backends.families.gpt2.gpt2_weights
 
     def k_before_q(weights, config, source):
         out = faithful(weights, config, source)
@@ -82,7 +82,7 @@ def test_fused_qkv_split_in_the_wrong_order_is_caught(pytester, monkeypatch):
             out[name], out[k_name] = out[k_name], out[name]
         return out
 
-    monkeypatch.setattr(backends.hf_gpt2, "gpt2_weights", k_before_q)
+    monkeypatch.setattr(backends.families.gpt2, "gpt2_weights", k_before_q)
     result = run_suite(pytester, "logits and gpt2")
     result.assert_outcomes(failed=1)
 
@@ -129,7 +129,7 @@ def test_a_model_transformers_cannot_read_is_skipped_naming_why(pytester, tmp_pa
 
 def test_neox_qkv_read_as_three_blocks_is_caught(pytester, monkeypatch):
     """GPT-NeoX groups q, k, v by head; reading the fused rows as q|k|v blocks (Phi-3's layout) is a port bug."""
-    faithful = backends.hf_gpt_neox.gpt_neox_weights
+    faithful = backends.families.gpt_neox.gpt_neox_weights
 
     def blockwise(weights, config, source):
         out = faithful(weights, config, source)
@@ -141,20 +141,20 @@ def test_neox_qkv_read_as_three_blocks_is_caught(pytester, monkeypatch):
                     out[prefix.rsplit(".", 1)[0] + f".{proj}.{kind}"] = part.contiguous()
         return out
 
-    monkeypatch.setattr(backends.hf_gpt_neox, "gpt_neox_weights", blockwise)
+    monkeypatch.setattr(backends.families.gpt_neox, "gpt_neox_weights", blockwise)
     result = run_suite(pytester, "logits and gpt-neox")
     result.assert_outcomes(failed=2)
 
 
 def test_residual_kind_swapped_is_caught(pytester, monkeypatch):
     """use_parallel_residual read the wrong way round: both GPT-NeoX layouts fail."""
-    faithful = backends.hf_gpt_neox.gpt_neox_config
+    faithful = backends.families.gpt_neox.gpt_neox_config
 
     def swapped(hf, source):
         config = faithful(hf, source)
         return config.replace(parallel_residual=not config.parallel_residual)
 
-    monkeypatch.setattr(backends.hf_gpt_neox, "gpt_neox_config", swapped)
+    monkeypatch.setattr(backends.families.gpt_neox, "gpt_neox_config", swapped)
     result = run_suite(pytester, "logits and gpt-neox")
     result.assert_outcomes(failed=2)
 
@@ -189,7 +189,7 @@ def test_sliding_window_ignored_is_caught(pytester, monkeypatch):
 
 def test_attention_softcap_ignored_is_caught(pytester, monkeypatch):
     monkeypatch.setattr(backends.torch_ref.model, "naive_attention",
-                        lambda q, k, v, allowed, bias, scale, softcap=None:
+                        lambda q, k, v, allowed, bias, scale, score_cap=None:
                         backends.torch_ref.attention.naive_attention(q, k, v, allowed, bias, scale))
     result = run_suite(pytester, "logits and gemma2")
     result.assert_outcomes(failed=1)

@@ -1,8 +1,11 @@
 """The reference decoder-only transformer, in one file.
 
 Parameter names match Hugging Face Llama checkpoints (model.layers.0.self_attn.q_proj.weight, ...), so a
-Llama-family safetensors file loads with a plain load_state_dict. The KV cache is preallocated and
-written at explicit slots; positions are given explicitly, per row (ragged batches, left padding).
+Llama-family safetensors file loads with a plain load_state_dict; other families' names and fused tensors are
+translated on load (backends/hf_*.py), and their conventions are ModelConfig switches read here: partial RoPE
+and q/k norms, a parallel residual (GPT-NeoX), Gemma's norms, soft-caps and sliding-window layers. The KV cache
+is preallocated and written at explicit slots; positions are given explicitly, per row (ragged batches, left
+padding).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from backends.base import KVCache, UnsupportedModel
 from backends.checkpoint import ModelConfig
 from backends.strategies import Attention
 
-from .attention import IMPLEMENTATIONS, naive_attention
+from .attention import IMPLEMENTATIONS, naive_attention, softcap
 
 # --- positions -----------------------------------------------------------------------------------
 
@@ -70,7 +73,7 @@ def llama3_frequencies(inv_freq: torch.Tensor, scaling, original: int) -> torch.
 def rope_cos_sin(config: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (B, 1, T, rotary_dim) for integer positions (B, T)."""
     inv_freq, magnitude = rope_frequencies(config, int(positions.max()) + 1)
-    angles = positions.to(torch.float64)[..., None] * inv_freq  # (B, T, head_dim/2)
+    angles = positions.to(torch.float64)[..., None] * inv_freq  # (B, T, rotary_dim/2)
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, rotary_dim): Llama's half-split layout
     return (angles.cos() * magnitude).float(), (angles.sin() * magnitude).float()
 
@@ -236,10 +239,6 @@ def default_attention(config: ModelConfig) -> Attention:
     return Attention.NAIVE if config.attn_softcap is not None else Attention.SDPA
 
 
-def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
-    return torch.tanh(x / cap) * cap
-
-
 class SelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, attention: Attention):
         super().__init__()
@@ -249,7 +248,7 @@ class SelfAttention(nn.Module):
             if attention != Attention.NAIVE:
                 raise UnsupportedModel(f"attention soft-capping (Gemma 2) needs the scores materialized: attention "
                                        f"naive only, not {attention.value}")
-            self.kernel = partial(naive_attention, softcap=config.attn_softcap)
+            self.kernel = partial(naive_attention, score_cap=config.attn_softcap)
         hd = config.head_dim
         self.q_proj = nn.Linear(config.d_model, config.n_heads * hd, bias=config.qkv_bias)
         self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * hd, bias=config.qkv_bias)

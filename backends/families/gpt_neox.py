@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from .checkpoint import CheckpointError, ModelConfig, hf_rope
+from ..checkpoint import CheckpointError, ModelConfig, hf_rope
 
 ARCHITECTURE = "GPTNeoXForCausalLM"
 _LAYER = re.compile(r"gpt_neox\.layers\.(\d+)\.(.+)")

@@ -8,7 +8,7 @@ each head's queries and keys, and gives its sliding layers their own RoPE base.
 """
 from __future__ import annotations
 
-from .checkpoint import CheckpointError, ModelConfig, hf_rope
+from ..checkpoint import CheckpointError, ModelConfig, hf_rope
 
 TANH_GELUS = ("gelu_pytorch_tanh", "gelu_new")
 LAYER_TYPES = ("sliding_attention", "full_attention")
