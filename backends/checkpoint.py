@@ -80,7 +80,8 @@ class ModelConfig:
     attn_softcap: float | None = None  # attention scores cap * tanh(scores / cap), before the mask
     logit_softcap: float | None = None  # logits cap * tanh(logits / cap)
     sliding_window: int | None = None  # a query at position p sees keys at positions > p - sliding_window ...
-    sliding_layers: tuple[int, ...] = ()  # ... in these layers (the others attend to every earlier key)
+    sliding_layers: tuple[int, ...] = ()  # ... in these layers (the others attend to every earlier key; indices past
+                                          # n_layers are unused, so a config with fewer layers can be derived)
     local_rope_theta: float | None = None  # the sliding layers' RoPE base, unscaled (Gemma 3); None: rope_theta
 
     def __post_init__(self):
@@ -90,8 +91,6 @@ class ModelConfig:
             raise ValueError(f"unknown norm {self.norm!r}; accepted: {', '.join(NORMS)}")
         if bool(self.sliding_layers) != (self.sliding_window is not None):
             raise ValueError("sliding_window and sliding_layers go together: a window and the layers it applies to")
-        if any(not 0 <= layer < self.n_layers for layer in self.sliding_layers):
-            raise ValueError(f"sliding_layers {list(self.sliding_layers)} outside the {self.n_layers} layers")
         if self.mlp not in MLPS:
             raise ValueError(f"unknown mlp {self.mlp!r}; accepted: {', '.join(MLPS)}")
         if not 0 < self.rotary_fraction <= 1 or self.rotary_dim < 2 or self.rotary_dim % 2:

@@ -325,3 +325,20 @@ def test_released_long_context_configs_are_read():
             "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.5] * 4}}
     config = from_hf_config(phi3)
     assert (config.rope_scaling.kind, config.rope_scaling.factor, config.sliding_window) == ("longrope", 32.0, None)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"layer_types": ["sliding_attention"] * 3}, "3 layer_types for num_hidden_layers=1"),
+    ({"layer_types": ["chunked_attention"]}, "layer_types ['chunked_attention'] unsupported"),
+    ({"hidden_activation": "gelu"}, "hidden_activation 'gelu' unsupported"),
+    ({"use_bidirectional_attention": True}, "use_bidirectional_attention=true unsupported"),
+])
+def test_unsupported_gemma_options(change, expected):
+    assert expected in config_error({**LLAMA, "architectures": ["Gemma3ForCausalLM"], **change})
+
+
+def test_a_smaller_config_derived_from_a_sliding_window_one_stays_valid():
+    """Suites derive drafts with fewer layers (config.replace(n_layers=1)): the window's layer list allows it."""
+    mistral = from_hf_config({**LLAMA, "architectures": ["MistralForCausalLM"], "num_hidden_layers": 4,
+                              "sliding_window": 16, "max_position_embeddings": 64})
+    assert mistral.replace(n_layers=1).window(0) == 16

@@ -31,6 +31,8 @@ def gemma_config(hf: dict, source: str, arch: str) -> ModelConfig:
     pattern = hf.get("sliding_window_pattern", defaults["sliding_window_pattern"])
     layer_types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
                                             for i in range(n_layers)]
+    if len(layer_types) != n_layers:
+        raise CheckpointError(f"{source}: {len(layer_types)} layer_types for num_hidden_layers={n_layers}")
     unknown = sorted(set(layer_types) - set(LAYER_TYPES))
     if unknown:
         raise CheckpointError(f"{source}: layer_types {unknown} unsupported; supported: {', '.join(LAYER_TYPES)}")
