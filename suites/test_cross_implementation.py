@@ -35,8 +35,8 @@ transformers = pytest.importorskip("transformers", reason="transformers (an opti
 
 # fp32 logits: max |ours - theirs| <= FP32_RELATIVE * max |their logits|, about 32 fp32 ulps of the largest logit;
 # the cases here measure at most 7.5e-7 (6 ulps), but Gemma 2's 1.7e-6 (its logits capped at 4: the cap shrinks
-# the largest logit more than the error); a wrong convention (RoPE layout, fused-weight order, position off by
-# one) 1e-2 or more
+# the largest logit more than the error); every planted convention fault of tests/test_cross_implementation_faults.py
+# exceeds it
 FP32_RELATIVE = 4e-6
 N_GREEDY = 32
 PROMPT_LENGTH = 12
