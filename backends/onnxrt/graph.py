@@ -7,7 +7,7 @@ tokens, C cache slots per row, S <= C slots attended):
     position_ids     (B, T) int64    their positions (what RoPE/ALiBi/embeddings see)
     cache_position   (B, T) int64    the cache slot each new token is written to
     attention_mask   (B, S) bool     which of slots 0..S-1 hold real tokens once the new ones are written
-    key_position_ids (B, S) int64    the position held in each slot (ALiBi models only)
+    key_position_ids (B, S) int64    the position held in each slot (ALiBi and sliding-window models only)
     past_key_values.{i}.key/value (B, Hkv, C, D)   the preallocated cache of layer i
 
 Outputs: `logits` (B, T, V) fp32 and `present.{i}.key/value` (B, Hkv, C, D), the past with the new keys and
@@ -32,7 +32,7 @@ from backends.base import UnsupportedModel
 from backends.checkpoint import Checkpoint, ModelConfig
 from backends.strategies import Attention
 from backends.torch_ref.backend import build_model
-from backends.torch_ref.model import AttentionContext, causal_mask, rope_frequencies, sinusoidal_embedding
+from backends.torch_ref.model import AttentionContext, causal_mask, rope_frequencies
 
 OPSET = 18
 PROTOBUF_LIMIT = 2**31  # a single-file ONNX model is one protobuf message, which cannot exceed 2 GiB
@@ -44,8 +44,13 @@ def layer_names(config: ModelConfig, prefix: str) -> list[str]:
     return [f"{prefix}.{i}.{kind}" for i in range(config.n_layers) for kind in ("key", "value")]
 
 
+def reads_key_positions(config: ModelConfig) -> bool:
+    """ALiBi's bias and a sliding window depend on each key's position, not only on the query's."""
+    return config.position == "alibi" or config.sliding_window is not None
+
+
 def input_names(config: ModelConfig) -> list[str]:
-    extra = ["key_position_ids"] if config.position == "alibi" else []
+    extra = ["key_position_ids"] if reads_key_positions(config) else []
     return ["input_ids", "position_ids", "cache_position", "attention_mask", *extra,
             *layer_names(config, "past_key_values")]
 
@@ -82,46 +87,54 @@ class ScatterContext(AttentionContext):
 
 
 class DecoderStep(nn.Module):
-    """The reference Transformer's forward (model.Transformer.forward) over the graph contract above."""
+    """The reference Transformer's forward (model.Transformer.run) over the graph contract above."""
 
     def __init__(self, checkpoint: Checkpoint):
         super().__init__()
         self.config = checkpoint.config
         self.transformer = build_model(checkpoint, Attention.NAIVE)  # materialized scores: plain MatMul/Softmax
-        inv_freq, self.magnitude = rope_frequencies(self.config, 1)  # seq_len matters only to dynamic NTK
+        # seq_len matters only to dynamic NTK, computed in the graph below
+        inv_freq, self.magnitude = rope_frequencies(self.config, 1)
+        local_inv_freq, self.local_magnitude = rope_frequencies(self.config.local_rope(), 1)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("local_inv_freq", local_inv_freq, persistent=False)
+        scaling = self.config.rope_scaling
+        if scaling is not None and scaling.kind == "longrope":  # the frequencies past the original context
+            self.original = scaling.original_max_position_embeddings or self.config.max_position_embeddings
+            self.register_buffer("long_inv_freq", rope_frequencies(self.config, self.original + 1)[0], persistent=False)
 
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (B, 1, T, head_dim) as model.rope_cos_sin, with dynamic NTK's base computed in the graph."""
-        cfg, inv_freq = self.config, self.inv_freq
+    def rope(self, positions: torch.Tensor, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, 1, T, rotary_dim) as model.rope_cos_sin, with dynamic NTK's base computed in the graph;
+        local: the sliding layers' tables (ModelConfig.local_rope)."""
+        cfg = self.config.local_rope() if local else self.config
+        inv_freq, magnitude = (self.local_inv_freq, self.local_magnitude) if local else (self.inv_freq, self.magnitude)
         if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "dynamic-ntk":
             # model.rope_frequencies' dynamic-NTK base without the Python branch: the scale is <= 1 (so clamped
             # to 1, leaving the base) exactly when seq_len <= original
-            dim, factor = cfg.head_dim, cfg.rope_scaling.factor
+            dim, factor = cfg.rotary_dim, cfg.rope_scaling.factor
             original = cfg.rope_scaling.original_max_position_embeddings or cfg.max_position_embeddings
             seq_len = positions.max().to(torch.float64) + 1
             scale = (factor * seq_len / original - (factor - 1)).clamp(min=1.0)
             base = cfg.rope_theta * scale ** (dim / (dim - 2))
             inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-        angles = positions.to(torch.float64)[..., None] * inv_freq  # (B, T, head_dim/2)
-        angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, head_dim)
-        return (angles.cos() * self.magnitude).float(), (angles.sin() * self.magnitude).float()
+        if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "longrope":  # model.rope_frequencies' switch
+            inv_freq = torch.where(positions.max() + 1 > self.original, self.long_inv_freq, inv_freq)
+        angles = positions.to(torch.float64)[..., None] * inv_freq  # (B, T, rotary_dim/2)
+        angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, rotary_dim)
+        return (angles.cos() * magnitude).float(), (angles.sin() * magnitude).float()
 
     def forward(self, input_ids, position_ids, cache_position, attention_mask, *rest):
-        cfg, body = self.config, self.transformer.model
-        key_positions = rest[0] if cfg.position == "alibi" else position_ids  # only ALiBi reads key positions
-        past = rest[1:] if cfg.position == "alibi" else rest
+        cfg = self.config
+        with_keys = reads_key_positions(cfg)
+        key_positions = rest[0] if with_keys else position_ids
+        past = rest[1:] if with_keys else rest
         ctx = ScatterContext(causal_mask(cache_position, attention_mask), position_ids, key_positions,
                              cache_position, past)
-        x = body.embed_tokens(input_ids)
-        if cfg.position == "learned":
-            x = x + body.embed_positions(position_ids)
-        elif cfg.position == "sinusoidal":
-            x = x + sinusoidal_embedding(position_ids, cfg.d_model).to(x.dtype)
-        rope = self.rope(position_ids) if cfg.position == "rope" else None
-        for index, layer in enumerate(body.layers):
-            x = layer(x, index, ctx, rope)
-        return (self.transformer.lm_head(body.norm(x)), *ctx.present)
+        ropes = None
+        if cfg.position == "rope":
+            rope = self.rope(position_ids)
+            ropes = (rope, rope if cfg.local_rope_theta is None else self.rope(position_ids, local=True))
+        return (self.transformer.run(input_ids, ctx, ropes), *ctx.present)
 
 
 def trace_inputs(config: ModelConfig) -> tuple[torch.Tensor, ...]:
@@ -129,7 +142,7 @@ def trace_inputs(config: ModelConfig) -> tuple[torch.Tensor, ...]:
     B, T, S, C = (TRACE_SHAPE[k] for k in ("batch", "seq", "kv_len", "capacity"))
     slots = torch.arange(S - T, S).expand(B, T)
     inputs = [torch.randint(0, config.vocab_size, (B, T)), slots.clone(), slots.clone(), torch.ones(B, S, dtype=torch.bool)]
-    if config.position == "alibi":
+    if reads_key_positions(config):
         inputs.append(torch.arange(S).expand(B, S).clone())
     inputs += [torch.zeros(B, config.n_kv_heads, C, config.head_dim) for _ in range(2 * config.n_layers)]
     return tuple(inputs)

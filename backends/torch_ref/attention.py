@@ -22,9 +22,17 @@ def _repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x if x.shape[1] == n_heads else x.repeat_interleave(n_heads // x.shape[1], dim=1)
 
 
-def naive_attention(q, k, v, allowed, bias, scale):
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap): x kept within (-cap, cap), nearly unchanged where |x| << cap (Gemma 2)."""
+    return torch.tanh(x / cap) * cap
+
+
+def naive_attention(q, k, v, allowed, bias, scale, score_cap: float | None = None):
+    """score_cap: scores are soft-capped before the mask (Gemma 2's attention soft-capping)."""
     k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S), materialized
+    if score_cap is not None:
+        scores = softcap(scores, score_cap)
     if bias is not None:
         scores = scores + bias.to(scores.dtype)
     scores = scores.masked_fill(~allowed, float("-inf"))

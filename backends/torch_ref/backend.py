@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from backends.base import Backend, KVCache, ModelRunner, UnsupportedModel, strategy_capabilities
-from backends.checkpoint import Checkpoint, CheckpointError
+from backends.checkpoint import Checkpoint, check_weights
 from backends.registry import register
 from backends.strategies import Attention, Quant, Strategy
 
@@ -12,27 +12,16 @@ from .attention import IMPLEMENTATIONS, AttentionFn
 from .model import Transformer, TorchKVCache, full_sequence_context
 
 DTYPES = {Quant.FP32: torch.float32, Quant.BF16: torch.bfloat16, Quant.FP16: torch.float16}
-DEFAULT_ATTENTION = Attention.SDPA
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_model(checkpoint: Checkpoint, attention: Attention = DEFAULT_ATTENTION) -> Transformer:
+def build_model(checkpoint: Checkpoint, attention: Attention | None = None) -> Transformer:
     """An fp32 Transformer holding the checkpoint's weights; a shape or name mismatch names the tensor."""
+    check_weights(checkpoint)
     model = Transformer(checkpoint.config, attention)
-    expected = model.state_dict()
-    if checkpoint.config.tie_embeddings:
-        expected.pop("lm_head.weight")
-    source = checkpoint.directory or checkpoint.name
-    missing = sorted(set(expected) - set(checkpoint.weights))
-    unexpected = sorted(set(checkpoint.weights) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for name, tensor in checkpoint.weights.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, config needs {tuple(expected[name].shape)}")
     model.load_state_dict({k: v.float() for k, v in checkpoint.weights.items()}, strict=False)
     return model.eval()
 
@@ -42,7 +31,7 @@ class TorchRunner(ModelRunner):
         super().__init__(checkpoint, strategy)
         self.device = device
         self.dtype = DTYPES[strategy.quant]
-        self.model = build_model(checkpoint, strategy.attention or DEFAULT_ATTENTION).to(device, self.dtype)
+        self.model = build_model(checkpoint, strategy.attention).to(device, self.dtype)
 
     def new_cache(self, batch_size: int, capacity: int) -> TorchKVCache:
         return TorchKVCache(self.config, batch_size, capacity, self.dtype, self.device)

@@ -1,30 +1,34 @@
 """The reference decoder-only transformer, in one file.
 
 Parameter names match Hugging Face Llama checkpoints (model.layers.0.self_attn.q_proj.weight, ...), so a
-Llama-family safetensors file loads with a plain load_state_dict. The KV cache is preallocated and
-written at explicit slots; positions are given explicitly, per row (ragged batches, left padding).
+Llama-family safetensors file loads with a plain load_state_dict; other families' names and fused tensors are
+translated on load (backends/hf_*.py), and their conventions are ModelConfig switches read here: partial RoPE
+and q/k norms, a parallel residual (GPT-NeoX), Gemma's norms, soft-caps and sliding-window layers. The KV cache
+is preallocated and written at explicit slots; positions are given explicitly, per row (ragged batches, left
+padding).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backends.base import KVCache
+from backends.base import KVCache, UnsupportedModel
 from backends.checkpoint import ModelConfig
 from backends.strategies import Attention
 
-from .attention import IMPLEMENTATIONS
+from .attention import IMPLEMENTATIONS, naive_attention, softcap
 
 # --- positions -----------------------------------------------------------------------------------
 
 
 def rope_frequencies(config: ModelConfig, seq_len: int) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies (head_dim/2,) and the cos/sin magnitude for a call whose furthest position is seq_len-1."""
-    dim, base, scaling = config.head_dim, config.rope_theta, config.rope_scaling
+    """Inverse frequencies (rotary_dim/2,) and the cos/sin magnitude for a call whose furthest position is seq_len-1."""
+    dim, base, scaling = config.rotary_dim, config.rope_theta, config.rope_scaling
     exponents = torch.arange(0, dim, 2, dtype=torch.float64) / dim
     if scaling is None:
         return 1.0 / base**exponents, 1.0
@@ -34,6 +38,12 @@ def rope_frequencies(config: ModelConfig, seq_len: int) -> tuple[torch.Tensor, f
         return 1.0 / (factor * base**exponents), 1.0
     if scaling.kind == "ntk":  # NTK-aware: stretch the base so the lowest frequency interpolates by `factor`
         return 1.0 / (base * factor ** (dim / (dim - 2))) ** exponents, 1.0
+    if scaling.kind == "llama3":
+        return llama3_frequencies(1.0 / base**exponents, scaling, original), 1.0
+    if scaling.kind == "longrope":  # LongRoPE (Ding et al. 2024): searched divisors, the long ones past `original`
+        divisors = torch.tensor(scaling.long_factor if seq_len > original else scaling.short_factor, dtype=torch.float64)
+        magnitude = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+        return 1.0 / (divisors * base**exponents), scaling.attention_factor or magnitude
     if scaling.kind == "dynamic-ntk":  # NTK-aware with a factor that grows with the sequence seen so far
         if seq_len > original:
             base = base * ((factor * seq_len / original) - (factor - 1)) ** (dim / (dim - 2))
@@ -48,18 +58,31 @@ def rope_frequencies(config: ModelConfig, seq_len: int) -> tuple[torch.Tensor, f
     extrapolated, interpolated = 1.0 / base**exponents, 1.0 / (factor * base**exponents)
     inv_freq = interpolated * ramp + extrapolated * (1 - ramp)
     magnitude = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
-    return inv_freq, magnitude
+    return inv_freq, scaling.attention_factor or magnitude
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, scaling, original: int) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling: wavelengths shorter than original/high_freq_factor are kept, longer than
+    original/low_freq_factor are interpolated by `factor`, and those between are blended linearly in 1/wavelength."""
+    wavelength = 2 * math.pi / inv_freq
+    smooth = ((original / wavelength - scaling.low_freq_factor)
+              / (scaling.high_freq_factor - scaling.low_freq_factor)).clamp(0, 1)
+    return (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
 
 
 def rope_cos_sin(config: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (B, 1, T, head_dim) for integer positions (B, T)."""
+    """cos, sin of shape (B, 1, T, rotary_dim) for integer positions (B, T)."""
     inv_freq, magnitude = rope_frequencies(config, int(positions.max()) + 1)
-    angles = positions.to(torch.float64)[..., None] * inv_freq  # (B, T, head_dim/2)
-    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, head_dim): Llama's half-split layout
+    angles = positions.to(torch.float64)[..., None] * inv_freq  # (B, T, rotary_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, rotary_dim): Llama's half-split layout
     return (angles.cos() * magnitude).float(), (angles.sin() * magnitude).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] dims of each head (all of them unless RoPE is partial); the rest pass."""
+    if cos.shape[-1] < x.shape[-1]:
+        rotary, rest = x.split([cos.shape[-1], x.shape[-1] - cos.shape[-1]], dim=-1)
+        return torch.cat([apply_rope(rotary, cos, sin), rest], dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
@@ -98,6 +121,11 @@ class AttentionContext:
     key_positions: torch.Tensor  # (B, S)
     cache: TorchKVCache | None = None
     slots: torch.Tensor | None = None  # (B, T) cache slots of the new tokens
+
+    def within(self, window: int) -> torch.Tensor:
+        """(B, 1, T, S): keys less than `window` positions before their query (a sliding window)."""
+        distance = self.query_positions[:, None, :, None] - self.key_positions[:, None, None, :]
+        return distance < window
 
     def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new (B, Hkv, T, D) keys/values and return every key/value the queries may read."""
@@ -189,10 +217,26 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-def make_norm(config: ModelConfig) -> nn.Module:
+class PlusOneRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the stored weight is an offset from 1, and the product is taken in fp32 before the cast."""
+
+    def forward(self, x):
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or config.d_model
     if config.norm == "rmsnorm":
-        return RMSNorm(config.d_model, config.norm_eps)
-    return nn.LayerNorm(config.d_model, eps=config.norm_eps)
+        return RMSNorm(dim, config.norm_eps)
+    if config.norm == "rmsnorm-plus-one":
+        return PlusOneRMSNorm(dim, config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps)
+
+
+def default_attention(config: ModelConfig) -> Attention:
+    """SDPA, unless attention scores are soft-capped: only the naive kernel exposes the scores to cap."""
+    return Attention.NAIVE if config.attn_softcap is not None else Attention.SDPA
 
 
 class SelfAttention(nn.Module):
@@ -200,11 +244,18 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.config = config
         self.kernel = IMPLEMENTATIONS[attention]
+        if config.attn_softcap is not None:
+            if attention != Attention.NAIVE:
+                raise UnsupportedModel(f"attention soft-capping (Gemma 2) needs the scores materialized: attention "
+                                       f"naive only, not {attention.value}")
+            self.kernel = partial(naive_attention, score_cap=config.attn_softcap)
         hd = config.head_dim
         self.q_proj = nn.Linear(config.d_model, config.n_heads * hd, bias=config.qkv_bias)
         self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * hd, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.n_heads * hd, config.d_model, bias=config.out_bias)
+        if config.qk_norm:
+            self.q_norm, self.k_norm = make_norm(config, hd), make_norm(config, hd)
         if config.position == "alibi":
             self.register_buffer("slopes", alibi_slopes(config.n_heads), persistent=False)
 
@@ -214,30 +265,37 @@ class SelfAttention(nn.Module):
         q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # keys are rotated before they are cached, at their own positions
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v = ctx.keys_values(layer, k, v)  # (B, Hkv, S, D)
+        allowed, window = ctx.allowed, cfg.window(layer)
+        if window is not None:
+            allowed = allowed & ctx.within(window)
         bias = None
         if cfg.position == "alibi":  # slope * (key position - query position), by position, not slot
             distance = ctx.key_positions[:, None, None, :] - ctx.query_positions[:, None, :, None]
             bias = self.slopes[None, :, None, None] * distance.float()  # (B, H, T, S)
-        out = self.kernel(q, k, v, ctx.allowed, bias, 1.0 / math.sqrt(cfg.head_dim))
+        out = self.kernel(q, k, v, allowed, bias, 1.0 / math.sqrt(cfg.query_pre_attn_scalar or cfg.head_dim))
         return self.o_proj(out.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
 
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.swiglu = config.mlp == "swiglu"
-        if self.swiglu:
+        self.gated = config.mlp in ("swiglu", "geglu")
+        self.activation = {"swiglu": F.silu, "geglu": partial(F.gelu, approximate="tanh"),
+                           "gelu": partial(F.gelu, approximate="tanh"), "gelu-exact": F.gelu}[config.mlp]
+        if self.gated:
             self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
-        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=not self.swiglu)
-        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=not self.swiglu)
+        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=not self.gated)
+        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=not self.gated)
 
     def forward(self, x):
-        if self.swiglu:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+        if self.gated:
+            return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.activation(self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -247,9 +305,19 @@ class DecoderLayer(nn.Module):
         self.self_attn = SelfAttention(config, attention)
         self.post_attention_layernorm = make_norm(config)
         self.mlp = MLP(config)
+        self.parallel, self.sandwich = config.parallel_residual, config.sandwich_norms
+        if self.sandwich:  # Gemma's names: post_attention_layernorm norms the attention's output
+            self.pre_feedforward_layernorm = make_norm(config)
+            self.post_feedforward_layernorm = make_norm(config)
 
     def forward(self, x, layer, ctx, rope):
-        x = x + self.self_attn(self.input_layernorm(x), layer, ctx, rope)
+        attended = self.self_attn(self.input_layernorm(x), layer, ctx, rope)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(attended)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        if self.parallel:  # both branches read the layer's input
+            return x + attended + self.mlp(self.post_attention_layernorm(x))
+        x = x + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -264,26 +332,39 @@ class Body(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig, attention: Attention = Attention.SDPA):
+    def __init__(self, config: ModelConfig, attention: Attention | None = None):
         super().__init__()
         self.config = config
-        self.model = Body(config, attention)
+        self.model = Body(config, attention or default_attention(config))
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, tokens: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """(B, T) tokens -> (B, T, V) logits, in the model's dtype."""
+        cfg = self.config
+        ropes = None
+        if cfg.position == "rope":
+            rope = rope_cos_sin(cfg, ctx.query_positions)
+            local = rope if cfg.local_rope_theta is None else rope_cos_sin(cfg.local_rope(), ctx.query_positions)
+            ropes = (rope, local)
+        return self.run(tokens, ctx, ropes)
+
+    def run(self, tokens: torch.Tensor, ctx: AttentionContext, ropes) -> torch.Tensor:
+        """The forward pass given the RoPE tables: ropes is None or (global cos/sin, sliding layers' cos/sin)."""
         cfg, body = self.config, self.model
         x = body.embed_tokens(tokens)
+        if cfg.embed_scale:
+            x = x * torch.tensor(math.sqrt(cfg.d_model), dtype=x.dtype)
         if cfg.position == "learned":
             x = x + body.embed_positions(ctx.query_positions)
         elif cfg.position == "sinusoidal":
             x = x + sinusoidal_embedding(ctx.query_positions, cfg.d_model).to(x.dtype)
-        rope = rope_cos_sin(cfg, ctx.query_positions) if cfg.position == "rope" else None
         for index, layer in enumerate(body.layers):
+            rope = None if ropes is None else ropes[index in cfg.sliding_layers]
             x = layer(x, index, ctx, rope)
-        return self.lm_head(body.norm(x))
+        logits = self.lm_head(body.norm(x))
+        return logits if cfg.logit_softcap is None else softcap(logits, cfg.logit_softcap)
 
     def export_weights(self) -> dict[str, torch.Tensor]:
         """The state dict as a checkpoint stores it (a tied head is stored once, as the embedding)."""
@@ -291,6 +372,13 @@ class Transformer(nn.Module):
         if self.config.tie_embeddings:
             weights.pop("lm_head.weight")
         return weights
+
+
+def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of `config` stores, with its shape (a tied head is stored once, as the embedding)."""
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        model = Transformer(config)
+    return {name: tuple(tensor.shape) for name, tensor in model.export_weights().items()}
 
 
 def init_random_weights(model: Transformer, generator: torch.Generator) -> None:

@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from .checkpoint import CheckpointError, ModelConfig
+from ..checkpoint import CheckpointError, ModelConfig
 
 ARCHITECTURE = "GPT2LMHeadModel"
 # gelu_new is GELU's tanh approximation (transformers' activations.py); the reference MLP uses that one
