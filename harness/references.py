@@ -89,8 +89,7 @@ def simulate_format(model: nn.Module, quant: Quant) -> nn.Module:
 class Float64Runner(ModelRunner):
     """The reference model in float64 (naive attention) on the checkpoint's weights, optionally with a lossy
     format simulated; the contract's cache semantics, so it can be run through the same calls as any backend.
-    model.py computes RMSNorm and RoPE in at least float32 (`.float()`), so those two steps round to fp32 here:
-    on default-target this reference is 1.5e-6 from an all-fp64 model, against 1.1e-5 for the fp32 path."""
+    Nothing in it rounds to fp32: model.py computes norms and rotations in at least the model's precision."""
 
     def __init__(self, checkpoint: Checkpoint, quant: Quant = Quant.FP32):
         if quant != Quant.FP32 and quant not in SIMULATED:

@@ -70,12 +70,19 @@ def llama3_frequencies(inv_freq: torch.Tensor, scaling, original: int) -> torch.
     return (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
 
 
-def rope_cos_sin(config: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (B, 1, T, rotary_dim) for integer positions (B, T)."""
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Norms and rotations run in fp32 for low-precision models and in the model's own precision above it (an
+    fp64 model is the harness's exact reference: nothing in it may round to fp32)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def rope_cos_sin(config: ModelConfig, positions: torch.Tensor,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (B, 1, T, rotary_dim) for integer positions (B, T), in `dtype`."""
     inv_freq, magnitude = rope_frequencies(config, int(positions.max()) + 1)
     angles = positions.to(torch.float64)[..., None] * inv_freq  # (B, T, rotary_dim/2)
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, rotary_dim): Llama's half-split layout
-    return (angles.cos() * magnitude).float(), (angles.sin() * magnitude).float()
+    return (angles.cos() * magnitude).to(dtype), (angles.sin() * magnitude).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -85,7 +92,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         return torch.cat([apply_rope(rotary, cos, sin), rest], dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    wide = compute_dtype(x.dtype)
+    return (x.to(wide) * cos.to(wide) + rotated.to(wide) * sin.to(wide)).to(x.dtype)
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
@@ -106,7 +114,7 @@ def sinusoidal_embedding(positions: torch.Tensor, d_model: int) -> torch.Tensor:
     inv_freq = 1.0 / 10000 ** (torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
     angles = positions.to(torch.float64)[..., None] * inv_freq
     table = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
-    return table[..., :d_model].float()
+    return table[..., :d_model]  # fp64: the caller casts once to its own precision
 
 
 # --- the KV cache and the attention context ------------------------------------------------------
@@ -213,7 +221,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        wide = x.to(compute_dtype(x.dtype))
+        normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
 
 
@@ -221,8 +230,9 @@ class PlusOneRMSNorm(RMSNorm):
     """Gemma's RMSNorm: the stored weight is an offset from 1, and the product is taken in fp32 before the cast."""
 
     def forward(self, x):
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+        wide = x.to(compute_dtype(x.dtype))
+        normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.to(wide.dtype))).to(x.dtype)
 
 
 def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
@@ -276,7 +286,7 @@ class SelfAttention(nn.Module):
         bias = None
         if cfg.position == "alibi":  # slope * (key position - query position), by position, not slot
             distance = ctx.key_positions[:, None, None, :] - ctx.query_positions[:, None, :, None]
-            bias = self.slopes[None, :, None, None] * distance.float()  # (B, H, T, S)
+            bias = self.slopes[None, :, None, None] * distance.to(self.slopes.dtype)  # (B, H, T, S)
         out = self.kernel(q, k, v, allowed, bias, 1.0 / math.sqrt(cfg.query_pre_attn_scalar or cfg.head_dim))
         return self.o_proj(out.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
 
@@ -345,8 +355,9 @@ class Transformer(nn.Module):
         cfg = self.config
         ropes = None
         if cfg.position == "rope":
-            rope = rope_cos_sin(cfg, ctx.query_positions)
-            local = rope if cfg.local_rope_theta is None else rope_cos_sin(cfg.local_rope(), ctx.query_positions)
+            wide = compute_dtype(self.model.embed_tokens.weight.dtype)
+            rope = rope_cos_sin(cfg, ctx.query_positions, wide)
+            local = rope if cfg.local_rope_theta is None else rope_cos_sin(cfg.local_rope(), ctx.query_positions, wide)
             ropes = (rope, local)
         return self.run(tokens, ctx, ropes)
 
