@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backends.base import KVCache
+from backends.base import CacheFullError, KVCache, PagedKVCache
 from backends.checkpoint import ModelConfig
 from backends.strategies import Attention
 
@@ -105,6 +106,47 @@ class AttentionContext:
             return k, v
         return self.cache.store(layer, self.slots, k, v, self.allowed.shape[-1])
 
+    def queries(self, q: torch.Tensor) -> torch.Tensor:
+        """The (B, H, T, D) queries as the attention kernel takes them (a packed context regroups them)."""
+        return q
+
+    def outputs(self, out: torch.Tensor) -> torch.Tensor:
+        """The kernel's output back in the (B, H, T, D) layout of the call."""
+        return out
+
+    def distance(self) -> torch.Tensor:
+        """(B, 1, T, S): each key's position minus each query's (ALiBi's bias, by position, not slot)."""
+        return self.key_positions[:, None, None, :] - self.query_positions[:, None, :, None]
+
+
+@dataclass
+class PackedContext(AttentionContext):
+    """N packed tokens of several sequences, run as one (1, N) call: each token is its own query row over the
+    keys of its own sequence, so the kernel sees (N, H, 1, D) queries against (N, Hkv, S, D) keys and
+    `allowed` is (N, 1, 1, S). `store` writes the new keys/values and returns the ones each token may read."""
+
+    store: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def keys_values(self, layer, k, v):
+        return self.store(layer, k[0].transpose(0, 1), v[0].transpose(0, 1))  # (N, Hkv, D) each
+
+    def queries(self, q):
+        return q[0].transpose(0, 1)[:, :, None]  # (1, H, N, D) -> (N, H, 1, D)
+
+    def outputs(self, out):
+        return out[:, :, 0].transpose(0, 1)[None]  # (N, H, 1, D) -> (1, H, N, D)
+
+    def distance(self):
+        return self.key_positions[:, None, None, :] - self.query_positions[0][:, None, None, None]
+
+
+def rank_within(groups: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed items (N,) of `groups`: each item's rank among the earlier items of its group, and each
+    group's count (n_groups,)."""
+    one_hot = F.one_hot(groups, n_groups)  # (N, n_groups)
+    rank = one_hot.cumsum(dim=0).gather(1, groups[:, None])[:, 0] - 1
+    return rank, one_hot.sum(dim=0)
+
 
 def causal_mask(query_slots: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
     """(B, 1, T, S): a query at slot s sees valid keys at slots <= s, and always itself (so padding never NaNs)."""
@@ -149,6 +191,11 @@ class TorchKVCache(KVCache):
         self.valid &= slots[None, :] < lengths[:, None]
         self._lengths = lengths.clone()
 
+    def reset(self, rows: torch.Tensor) -> None:
+        rows = rows.to(self._lengths.device)
+        self.valid[rows] = False
+        self._lengths[rows] = 0
+
     def begin(self, positions: torch.Tensor, token_mask: torch.Tensor) -> AttentionContext:
         """Reserve slots for (B, T) new tokens and build the mask every layer uses."""
         n_new = positions.shape[1]
@@ -168,6 +215,87 @@ class TorchKVCache(KVCache):
         self.k[layer][rows, :, slots] = k.transpose(1, 2).to(self.k.dtype)
         self.v[layer][rows, :, slots] = v.transpose(1, 2).to(self.v.dtype)
         return self.k[layer, :, :, :seen], self.v[layer, :, :, :seen]
+
+    def begin_packed(self, positions: torch.Tensor, rows: torch.Tensor) -> PackedContext:
+        """Append packed tokens (N,) to their rows (forward_packed in base.py) and build their attention context."""
+        rank, counts = rank_within(rows, self._lengths.shape[0])
+        needed = self._lengths + counts
+        if bool((needed > self.capacity).any()):
+            row = int((needed > self.capacity).nonzero()[0])
+            raise CacheFullError(f"KV cache full: row {row} holds {int(self._lengths[row])} of {self.capacity} "
+                                 f"slots and {int(counts[row])} more tokens were given")
+        slots = self._lengths[rows] + rank  # (N,)
+        self.valid[rows, slots] = True
+        self.positions[rows, slots] = positions
+        self._lengths = needed
+        seen = int(needed[rows].max())
+        allowed = causal_mask(slots[:, None], self.valid[rows, :seen])  # (N, 1, 1, S)
+
+        def store(layer, k, v):
+            self.k[layer][rows, :, slots] = k.to(self.k.dtype)
+            self.v[layer][rows, :, slots] = v.to(self.v.dtype)
+            return self.k[layer][rows, :, :seen], self.v[layer][rows, :, :seen]  # (N, Hkv, S, D)
+
+        return PackedContext(allowed, positions[None], self.positions[rows, :seen], store=store)
+
+
+class TorchPagedKVCache(PagedKVCache):
+    """The block pool, stored slot-major: keys and values (n_layers, n_blocks * block_size, Hkv, D), and the
+    position each slot holds. Which slots belong to which sequence is only ever said by the block tables."""
+
+    def __init__(self, config: ModelConfig, n_blocks: int, block_size: int, fill: float, dtype, device):
+        shape = (config.n_layers, n_blocks * block_size, config.n_kv_heads, config.head_dim)
+        self.k = torch.full(shape, fill, dtype=dtype, device=device)
+        self.v = torch.full(shape, fill, dtype=dtype, device=device)
+        self.slot_positions = torch.zeros(n_blocks * block_size, dtype=torch.long, device=device)
+        self._n_blocks, self._block_size = n_blocks, block_size
+
+    @property
+    def n_blocks(self) -> int:
+        return self._n_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+    def physical_slots(self, tables: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
+        """Pool slots of logical slots (..., S) through the block tables (..., M) of their sequences."""
+        blocks = tables.gather(-1, logical // self._block_size)
+        return blocks * self._block_size + logical % self._block_size
+
+    def begin(self, positions, seqs, block_tables, context_lens) -> PackedContext:
+        """Write packed tokens through their block tables (forward_paged in base.py); build their context."""
+        rank, counts = rank_within(seqs, block_tables.shape[0])
+        logical = context_lens[seqs] - counts[seqs] + rank  # (N,)
+        held = context_lens[seqs]  # (N,) tokens of each query's sequence once this step is written
+        width = int(-(-int(held.max()) // self._block_size))  # blocks the longest sequence here needs
+        tables = block_tables[seqs, :width]  # (N, M)
+        needed = torch.arange(width, device=tables.device)[None, :] * self._block_size < held[:, None]
+        if bool(((tables < 0) | (tables >= self._n_blocks))[needed].any()):
+            raise ValueError(f"block tables {block_tables.tolist()} lack a valid block for context lengths "
+                             f"{context_lens.tolist()} in a pool of {self._n_blocks} blocks")
+        tables = tables.clamp(min=0)  # entries past a sequence's end: read, then masked below
+        new_slots = self.physical_slots(tables, logical[:, None])[:, 0]
+        self.slot_positions[new_slots] = positions
+        key_logical = torch.arange(width * self._block_size, device=tables.device)  # (S,)
+        key_slots = self.physical_slots(tables, key_logical.expand(len(seqs), -1))  # (N, S)
+        key_valid = key_logical[None, :] < held[:, None]
+        allowed = (key_valid & (key_logical[None, :] <= logical[:, None]))[:, None, None]  # (N, 1, 1, S)
+        keep = key_valid[:, None, :, None]
+
+        def store(layer, k, v):
+            self.k[layer][new_slots] = k.to(self.k.dtype)
+            self.v[layer][new_slots] = v.to(self.v.dtype)
+            # a sequence's slots past its length are never read: zeroed, not left to 0 * NaN in P @ V
+            keys = torch.where(keep, self.k[layer][key_slots].transpose(1, 2), 0.0)  # (N, Hkv, S, D)
+            values = torch.where(keep, self.v[layer][key_slots].transpose(1, 2), 0.0)
+            return keys, values
+
+        return PackedContext(allowed, positions[None], self.slot_positions[key_slots], store=store)
 
 
 def full_sequence_context(positions: torch.Tensor, token_mask: torch.Tensor) -> AttentionContext:
@@ -219,9 +347,8 @@ class SelfAttention(nn.Module):
         k, v = ctx.keys_values(layer, k, v)  # (B, Hkv, S, D)
         bias = None
         if cfg.position == "alibi":  # slope * (key position - query position), by position, not slot
-            distance = ctx.key_positions[:, None, None, :] - ctx.query_positions[:, None, :, None]
-            bias = self.slopes[None, :, None, None] * distance.float()  # (B, H, T, S)
-        out = self.kernel(q, k, v, ctx.allowed, bias, 1.0 / math.sqrt(cfg.head_dim))
+            bias = self.slopes[None, :, None, None] * ctx.distance().float()  # (B, H, T, S)
+        out = ctx.outputs(self.kernel(ctx.queries(q), k, v, ctx.allowed, bias, 1.0 / math.sqrt(cfg.head_dim)))
         return self.o_proj(out.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
 
 
