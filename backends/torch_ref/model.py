@@ -194,7 +194,7 @@ class TorchKVCache(KVCache):
     def reset(self, rows: torch.Tensor) -> None:
         rows = rows.to(self._lengths.device)
         self.valid[rows] = False
-        self._lengths[rows] = 0
+        self._lengths = self._lengths.index_fill(0, rows, 0)  # not in place: forward leaves an inference tensor
 
     def begin(self, positions: torch.Tensor, token_mask: torch.Tensor) -> AttentionContext:
         """Reserve slots for (B, T) new tokens and build the mask every layer uses."""

@@ -1,0 +1,70 @@
+"""Requests, their completions and the serving parameters (every default defined here, once)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from backends.generation import GREEDY, Sampling
+from backends.strategies import Batching
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int
+    prompt: tuple[int, ...]
+    max_new_tokens: int
+    arrival: int = 0  # the engine step at which the request arrives
+    sampling: Sampling = GREEDY
+    seed: int = 0  # of the request's own generator: its draws do not depend on the batch it runs in
+
+
+@dataclass
+class Completion:
+    request: Request
+    tokens: list[int]
+    logits: torch.Tensor  # (n, V): the logits each new token was chosen from
+    cached_tokens: list[int]  # prompt tokens found in the prefix cache, at each admission (preemption re-admits)
+    first_token_step: int
+    finish_step: int
+    token_times: list[float] = field(default_factory=list)  # perf_counter() when each token was chosen
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """How a strategy serves. `kv_tokens` is the KV budget in tokens: `continuous` reserves `max_seq_len`
+    slots per running sequence out of it, the paged strategies cut it into blocks of `block_size`."""
+
+    batching: Batching
+    max_batch: int = 16  # a static batch's size; the most sequences running at once
+    step_tokens: int = 512  # chunked prefill: prefill and decode tokens of one step together
+    kv_tokens: int = 4096
+    block_size: int = DEFAULT_BLOCK_SIZE
+    max_seq_len: int | None = None  # None: the model's maximum positions
+    block_order_seed: int | None = None  # shuffle the free block list (tests: random permuted block tables)
+    pool_fill: float = 0.0  # every pool slot's value before any write (tests: NaN, so a stray read shows)
+
+    def __post_init__(self):
+        for name in ("max_batch", "step_tokens", "kv_tokens", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                label = name.replace("_", " ")
+                raise ValueError(f"{label} {value!r}; accepted: a positive integer")
+
+
+@dataclass
+class ServingStats:
+    steps: int = 0
+    preemptions: int = 0
+    mixed_steps: int = 0  # steps that ran a prefill chunk beside decode tokens
+    chunked_prompts: int = 0  # prompts whose prefill was split across steps
+    max_running: int = 0
+    block_accounting: dict[str, int] = field(default_factory=dict)  # the block manager's, after the last request
+
+
+@dataclass
+class ServingResult:
+    completions: list[Completion]  # in the order the requests were given
+    stats: ServingStats
