@@ -16,7 +16,7 @@ import torch
 from backends.base import Backend, ModelRunner, UnsupportedModel, strategy_capabilities
 from backends.checkpoint import Checkpoint, CheckpointError
 from backends.registry import available, get_backend
-from backends.strategies import Attention, Quant, Strategy, parse_attention, parse_quant
+from backends.strategies import Attention, Batching, Quant, Strategy, parse_attention, parse_batching, parse_quant
 
 from .models import DEFAULT_MODEL, resolve_model
 from .records import Record, current_commit, machine_info, merge_into
@@ -24,6 +24,8 @@ from .records import Record, current_commit, machine_info, merge_into
 DEFAULT_BACKENDS = ["torch"]
 DEFAULT_RESULTS_DIR = "results"
 STRATEGY_FIXTURES = ("quant", "attention")
+PARAMETRIZED_FIXTURES = (*STRATEGY_FIXTURES, "batching")  # batching is recorded as a parameter
+STRATEGY_KINDS = {"quant": Quant, "attention": Attention, "batching": Batching}
 RECORDED_MARKERS = ("exactness", "bench")
 
 
@@ -49,17 +51,17 @@ class HarnessSession:
     attentions: list[Attention] | None  # None: every attention implementation each backend declares
     model: Checkpoint
     results_dir: Path
+    batchings: list[Batching] | None = None  # None: every batching strategy each backend declares
     threads: int = field(default_factory=torch.get_num_threads)
     records: list[Record] = field(default_factory=list)
     runner_cache: RunnerCache = field(default_factory=RunnerCache)
 
     def strategy_values(self, backend: str, kind: str) -> list:
-        chosen = self.quants if kind == "quant" else self.attentions
+        chosen = {"quant": self.quants, "attention": self.attentions, "batching": self.batchings}[kind]
         if chosen is not None:
             return chosen
         declared = get_backend(backend).capabilities()
-        every = Quant if kind == "quant" else Attention
-        return [value for value in every if f"{kind}:{value.value}" in declared]
+        return [value for value in STRATEGY_KINDS[kind] if f"{kind}:{value.value}" in declared]
 
 
 SESSION = pytest.StashKey[HarnessSession]()
@@ -78,6 +80,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--attention", action="append", metavar="NAME",
                     help="attention implementation; repeat for several (default: every one the backend declares). "
                          f"Names: {', '.join(a.value for a in Attention)}")
+    group.addoption("--batching", action="append", metavar="NAME",
+                    help="batching strategy; repeat for several (default: every one the backend declares). "
+                         f"Names: {', '.join(b.value for b in Batching)}")
     group.addoption("--results-dir", metavar="DIR",
                     help=f"where records (records/*.json) are merged (default: {DEFAULT_RESULTS_DIR})")
 
@@ -92,11 +97,14 @@ def pytest_configure(config: pytest.Config) -> None:
         quants = [parse_quant(q) for q in config.getoption("quant")] if config.getoption("quant") else None
         attentions = ([parse_attention(a) for a in config.getoption("attention")]
                       if config.getoption("attention") else None)
+        batchings = ([parse_batching(b) for b in config.getoption("batching")]
+                     if config.getoption("batching") else None)
         model = resolve_model(config.getoption("model") or DEFAULT_MODEL)
     except (ValueError, CheckpointError) as error:
         raise pytest.UsageError(str(error)) from None
     results_dir = Path(config.getoption("results_dir") or DEFAULT_RESULTS_DIR)
-    config.stash[SESSION] = HarnessSession(list(dict.fromkeys(backends)), quants, attentions, model, results_dir)
+    config.stash[SESSION] = HarnessSession(list(dict.fromkeys(backends)), quants, attentions, model, results_dir,
+                                           batchings)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -111,7 +119,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend" not in metafunc.fixturenames:
         return
     session = metafunc.config.stash[SESSION]
-    kinds = [kind for kind in STRATEGY_FIXTURES if kind in metafunc.fixturenames]
+    kinds = [kind for kind in PARAMETRIZED_FIXTURES if kind in metafunc.fixturenames]
     combos: list[tuple] = [(name,) for name in session.backends]
     for kind in kinds:
         combos = [combo + (value,) for combo in combos for value in session.strategy_values(combo[0], kind)]
