@@ -201,11 +201,11 @@ def test_prefix_cache_hits_are_exact(backend, load_runner, checkpoint, record):
     config = WORKLOADS["random-arrivals"].config(Batching.PAGED_PREFIX, max_len(checkpoint))
     cached = serve(runner, requests, config)
     uncached = serve(runner, requests, replace(config, batching=Batching.PAGED))
-    record(max_abs_logit_error=assert_each_as_alone(runner, cached))
     hits = [c.cached_tokens[0] for c in cached.completions]
     assert all(hit % BLOCK_SIZE == 0 for hit in hits), f"cached-token counts {hits} not multiples of {BLOCK_SIZE}"
-    assert hits[:4] == [0, SHARED, SHARED, SHARED], f"cached-token counts {hits}; expected the shared prefix"
     assert hits[4] == 0, f"a block equal to another's second block was taken for a first block: hits {hits}"
+    assert hits[:4] == [0, SHARED, SHARED, SHARED], f"cached-token counts {hits}; expected the shared prefix"
+    record(max_abs_logit_error=assert_each_as_alone(runner, cached))
     for with_cache, without in zip(cached.completions, uncached.completions):
         assert with_cache.tokens == without.tokens
         error = float((with_cache.logits - without.logits).abs().max())

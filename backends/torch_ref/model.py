@@ -267,6 +267,10 @@ class TorchPagedKVCache(PagedKVCache):
         blocks = tables.gather(-1, logical // self._block_size)
         return blocks * self._block_size + logical % self._block_size
 
+    def slot_mapping(self, tables: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
+        """Pool slots (N,) where new tokens at logical slots (N,) are written (vLLM's slot mapping)."""
+        return self.physical_slots(tables, logical[:, None])[:, 0]
+
     def begin(self, positions, seqs, block_tables, context_lens) -> PackedContext:
         """Write packed tokens through their block tables (forward_paged in base.py); build their context."""
         rank, counts = rank_within(seqs, block_tables.shape[0])
@@ -279,7 +283,7 @@ class TorchPagedKVCache(PagedKVCache):
             raise ValueError(f"block tables {block_tables.tolist()} lack a valid block for context lengths "
                              f"{context_lens.tolist()} in a pool of {self._n_blocks} blocks")
         tables = tables.clamp(min=0)  # entries past a sequence's end: read, then masked below
-        new_slots = self.physical_slots(tables, logical[:, None])[:, 0]
+        new_slots = self.slot_mapping(tables, logical)
         self.slot_positions[new_slots] = positions
         key_logical = torch.arange(width * self._block_size, device=tables.device)  # (S,)
         key_slots = self.physical_slots(tables, key_logical.expand(len(seqs), -1))  # (N, S)
