@@ -136,7 +136,7 @@ def test_each_request_as_alone(backend, load_runner, checkpoint, batching, workl
         assert result.stats.max_running > 1, "no two requests ever ran together"
     if iterative and workload == "arrives-during-prefill":
         first = result.completions[0]
-        assert first.request.arrival < result.completions[1].request.arrival < first.first_token_step, \
+        assert first.request.arrival < result.completions[1].request.arrival < first.first_token_time, \
             "the second request did not arrive during the first one's prefill"
         assert result.stats.chunked_prompts >= 1 and result.stats.mixed_steps >= 1, result.stats
     if batching in PAGED:

@@ -1,13 +1,18 @@
 """The serving loop of each strategy: the scheduler decides, the block manager owns memory, a step runner computes.
 
-Time is counted in engine steps (one model call per step): a request arrives at a step, and its tokens are
-stamped with the step that produced them. Wall-clock stamps are kept beside them for measurements.
+Time is kept by a clock: `StepClock` counts engine steps (one model call each; exactness tests: arrivals at
+steps, reproducible anywhere), `WallClock` counts seconds (measurements). A request arrives at a time of its
+clock and each of its tokens is stamped with the time it was chosen. When nothing runs and the next request
+has not arrived, the clock skips ahead to its arrival: an idle server waits, and the wait is not measured work.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
+
+import torch
 
 from backends.base import ModelRunner, PagedKVCache
 from backends.strategies import Batching
@@ -70,12 +75,15 @@ def check_requests(model: ModelRunner, requests: list[Request], config: ServingC
                          f"accepted: at least {longest}")
 
 
-def serve(model: ModelRunner, requests: list[Request], config: ServingConfig,
-          memory: PagedMemory | None = None) -> ServingResult:
-    """Serve `requests` under `config.batching`; `memory` (paged strategies) reuses a pool and its prefix cache."""
+def serve(model: ModelRunner, requests: list[Request], config: ServingConfig, memory: PagedMemory | None = None,
+          clock: StepClock | WallClock | None = None) -> ServingResult:
+    """Serve `requests` under `config.batching`; `memory` (paged strategies) reuses a pool and its prefix cache;
+    `clock` (default: steps) is what request arrivals and token stamps are counted in."""
     check_requests(model, requests, config)
+    clock = clock or StepClock()
     if config.batching in (Batching.SEQUENTIAL, Batching.STATIC):
-        return serve_static(model, requests, 1 if config.batching is Batching.SEQUENTIAL else config.max_batch)
+        batch_size = 1 if config.batching is Batching.SEQUENTIAL else config.max_batch
+        return serve_static(model, requests, batch_size, clock)
     if config.batching is Batching.CONTINUOUS:
         rows = RowPool(min(config.kv_tokens // max_seq_len(model, config), config.max_batch))
         step_runner = ContiguousStepRunner(model, rows, len(rows.free_rows), max_seq_len(model, config))
@@ -85,35 +93,61 @@ def serve(model: ModelRunner, requests: list[Request], config: ServingConfig,
         memory.blocks.salt = model_salt(model)
         step_runner = PagedStepRunner(model, memory.blocks, memory.cache)
         scheduler = ContinuousScheduler(memory.blocks, config.max_batch, config.step_tokens)
-    return serve_continuous(scheduler, step_runner, requests, memory)
+    return serve_continuous(scheduler, step_runner, requests, memory, clock)
+
+
+class StepClock:
+    """Time in engine steps."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def now(self) -> float:
+        return float(self.steps)
+
+    def tick(self) -> None:
+        self.steps += 1
+
+    def skip_to(self, when: float) -> None:
+        self.steps = max(self.steps, int(math.ceil(when)))
+
+
+class WallClock:
+    """Time in seconds since the clock was made, less nothing: idle waits are skipped, not slept."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def now(self) -> float:
+        return time.perf_counter() - self.start
+
+    def tick(self) -> None:
+        pass
+
+    def skip_to(self, when: float) -> None:
+        self.start -= max(0.0, when - self.now())
 
 
 class Stamps:
-    """The step and the wall time of every token of every request."""
+    """The clock's time of every token of every request."""
 
-    def __init__(self):
-        self.steps: dict[int, list[int]] = {}
+    def __init__(self, clock):
+        self.clock = clock
         self.times: dict[int, list[float]] = {}
 
-    def add(self, request_id: int, step: int) -> None:
-        self.steps.setdefault(request_id, []).append(step)
-        self.times.setdefault(request_id, []).append(time.perf_counter())
+    def add(self, request_id: int) -> None:
+        self.times.setdefault(request_id, []).append(self.clock.now())
 
     def completion(self, request: Request, tokens: list[int], sampler, cached: list[int]) -> Completion:
-        import torch
-
-        steps = self.steps[request.id]
-        return Completion(request, tokens, torch.stack(sampler.logits[request.id]), cached, steps[0], steps[-1],
-                          self.times[request.id])
+        return Completion(request, tokens, torch.stack(sampler.logits[request.id]), cached, self.times[request.id])
 
 
-def serve_static(model: ModelRunner, requests: list[Request], batch_size: int) -> ServingResult:
+def serve_static(model: ModelRunner, requests: list[Request], batch_size: int, clock) -> ServingResult:
     waiting = deque(sorted(requests, key=lambda r: (r.arrival, r.id)))
-    runner, stamps, stats, generated = StaticBatchRunner(model), Stamps(), ServingStats(), {}
-    now = 0
+    runner, stamps, stats, generated = StaticBatchRunner(model), Stamps(clock), ServingStats(), {}
     while waiting:
-        now = max(now, waiting[0].arrival)
-        batch = next_static_batch(waiting, now, batch_size)
+        clock.skip_to(waiting[0].arrival)
+        batch = next_static_batch(waiting, clock.now(), batch_size)
         stats.max_running = max(stats.max_running, len(batch))
         chosen = runner.start(batch)
         for step in range(max(r.max_new_tokens for r in batch)):
@@ -122,36 +156,37 @@ def serve_static(model: ModelRunner, requests: list[Request], batch_size: int) -
             for request, token in zip(batch, chosen):
                 if step < request.max_new_tokens:
                     generated.setdefault(request.id, []).append(token)
-                    stamps.add(request.id, now)
-            now += 1
-            stats.steps += 1
+                    stamps.add(request.id)
+            stats.add_step(reserved=runner.cache.capacity * len(batch),
+                           used=sum(len(r.prompt) + min(step, r.max_new_tokens) for r in batch))
+            clock.tick()
     completions = [stamps.completion(r, generated[r.id], runner.sampler, [0]) for r in requests]
     return ServingResult(completions, stats)
 
 
 def serve_continuous(scheduler: ContinuousScheduler, step_runner, requests: list[Request],
-                     memory: PagedMemory | None) -> ServingResult:
+                     memory: PagedMemory | None, clock) -> ServingResult:
     for request in sorted(requests, key=lambda r: (r.arrival, r.id)):
         scheduler.add(request)
-    stamps, stats, sequences = Stamps(), ServingStats(), {}
-    now = 0
+    stamps, stats, sequences = Stamps(clock), ServingStats(), {}
     while not scheduler.done:
-        if not scheduler.running and scheduler.next_arrival() > now:
-            now = scheduler.next_arrival()  # idle until the next request arrives
-        plan = scheduler.schedule(now)
+        if not scheduler.running:
+            clock.skip_to(scheduler.next_arrival())  # idle until the next request arrives
+        plan = scheduler.schedule(clock.now())
         stats.preemptions += len(plan.preempted)
         if plan.chunks:
             decoding = [c.count == 1 and c.seq.n_generated > 0 and c.samples for c in plan.chunks]
             stats.mixed_steps += any(decoding) and not all(decoding)
             sampled = step_runner.run(plan.chunks, plan.admitted)
             stats.max_running = max(stats.max_running, len(scheduler.running))
+            stats.add_step(reserved=step_runner.reserved_tokens(scheduler.running),
+                           used=sum(seq.n_computed for seq in scheduler.running) + sum(c.count for c in plan.chunks))
             for chunk in plan.chunks:
                 sequences[chunk.seq.id] = chunk.seq
                 if chunk.samples:
-                    stamps.add(chunk.seq.id, now)
+                    stamps.add(chunk.seq.id)
             scheduler.update(plan, sampled)
-            stats.steps += 1
-        now += 1
+        clock.tick()
     stats.chunked_prompts = sum(seq.prefill_steps > 1 for seq in sequences.values())
     if memory is not None:
         stats.block_accounting = memory.blocks.accounting()

@@ -16,7 +16,7 @@ class Request:
     id: int
     prompt: tuple[int, ...]
     max_new_tokens: int
-    arrival: int = 0  # the engine step at which the request arrives
+    arrival: float = 0  # when the request arrives, on the engine's clock (steps or seconds)
     sampling: Sampling = GREEDY
     seed: int = 0  # of the request's own generator: its draws do not depend on the batch it runs in
 
@@ -27,9 +27,15 @@ class Completion:
     tokens: list[int]
     logits: torch.Tensor  # (n, V): the logits each new token was chosen from
     cached_tokens: list[int]  # prompt tokens found in the prefix cache, at each admission (preemption re-admits)
-    first_token_step: int
-    finish_step: int
-    token_times: list[float] = field(default_factory=list)  # perf_counter() when each token was chosen
+    token_times: list[float]  # when each token was chosen, on the engine's clock (steps or seconds)
+
+    @property
+    def first_token_time(self) -> float:
+        return self.token_times[0]
+
+    @property
+    def finish_time(self) -> float:
+        return self.token_times[-1]
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,19 @@ class ServingStats:
     mixed_steps: int = 0  # steps that ran a prefill chunk beside decode tokens
     chunked_prompts: int = 0  # prompts whose prefill was split across steps
     max_running: int = 0
+    reserved_token_steps: int = 0  # KV slots reserved for running requests, summed over steps
+    used_token_steps: int = 0  # of which holding a token
     block_accounting: dict[str, int] = field(default_factory=dict)  # the block manager's, after the last request
+
+    def add_step(self, reserved: int, used: int) -> None:
+        self.steps += 1
+        self.reserved_token_steps += reserved
+        self.used_token_steps += used
+
+    @property
+    def kv_waste(self) -> float:
+        """The fraction of reserved KV slots that held no token, over all steps."""
+        return 1.0 - self.used_token_steps / self.reserved_token_steps if self.reserved_token_steps else 0.0
 
 
 @dataclass

@@ -60,6 +60,9 @@ class ContiguousStepRunner:
         logits = self.model.forward_packed(self.cache, tokens, positions, rows)
         return sample_chunks(self.sampler, chunks, logits, last)
 
+    def reserved_tokens(self, running) -> int:
+        return len(running) * self.cache.capacity  # each running sequence holds a whole row
+
 
 class PagedStepRunner:
     """`paged`, `paged-prefix`: one packed call per step over the block pool, through the block tables."""
@@ -77,6 +80,9 @@ class PagedStepRunner:
         context_lens = torch.tensor([c.start + c.count for c in chunks])
         logits = self.model.forward_paged(self.cache, tokens, positions, seqs, block_tables, context_lens)
         return sample_chunks(self.sampler, chunks, logits, last)
+
+    def reserved_tokens(self, running) -> int:
+        return sum(len(self.blocks.tables[seq.id]) for seq in running) * self.blocks.block_size
 
 
 class StaticBatchRunner:
