@@ -17,6 +17,7 @@ same requests and must give, per request, the same greedy tokens and logits with
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import pytest
@@ -25,9 +26,11 @@ import torch
 from backends.checkpoint import Checkpoint
 from backends.generation import Generation, Sampling, generate
 from backends.serving import Request, ServingConfig, serve
-from backends.serving.engine import paged_memory
+from backends.serving.engine import WallClock, paged_memory
 from backends.strategies import Batching, Strategy
+from harness.latency import serving_metrics
 from harness.plugin import require
+from harness.workloads import PROFILES, make_requests, system_prompt
 
 BLOCK_SIZE = 16
 PAGED = (Batching.PAGED, Batching.PAGED_PREFIX)
@@ -275,3 +278,88 @@ def test_sampling_with_a_seed_per_request(backend, load_runner, checkpoint, batc
     result = serve(runner, requests, spec.config(batching, max_len(checkpoint)))
     record(max_abs_logit_error=assert_each_as_alone(runner, result))
     assert len({tuple(c.tokens) for c in result.completions}) > 1
+
+
+# --- bench: serving metrics (vLLM's `bench serve` definitions: harness/latency.py) ----------------
+
+BENCH_REQUESTS = 32
+BENCH_RATES = [pytest.param(rate, id=f"rate{rate:g}") for rate in (2.0, 8.0, math.inf)]  # requests/s
+BENCH_MAX_BATCH = 16
+BENCH_STEP_TOKENS = 512
+FIXED_KV_TOKENS = 2048  # the budget the concurrency test shares out
+SHARING = [pytest.param(share, id=f"sharing{round(100 * share)}") for share in (0.0, 0.25, 0.5, 0.75, 0.9)]
+SHARING_RATE = 8.0
+
+
+def bench_config(batching: Batching, checkpoint: Checkpoint, **overrides) -> ServingConfig:
+    """The same KV budget for every strategy: room for BENCH_MAX_BATCH sequences of the maximum length."""
+    kv_tokens = BENCH_MAX_BATCH * max_len(checkpoint)
+    return replace(ServingConfig(batching, max_batch=BENCH_MAX_BATCH, step_tokens=BENCH_STEP_TOKENS,
+                                 kv_tokens=kv_tokens), **overrides)
+
+
+def warm_up(runner, config: ServingConfig) -> None:
+    serve(runner, [Request(0, (1, 2, 3), 2), Request(1, (4, 5), 2)], config)
+
+
+def serving_record(result) -> dict[str, float]:
+    stats = result.stats
+    return {**serving_metrics(result.completions), "kv_waste_pct": 100 * stats.kv_waste,
+            "preemptions": stats.preemptions, "max_running": stats.max_running, "steps": stats.steps}
+
+
+@pytest.mark.bench
+@pytest.mark.parametrize("rate", BENCH_RATES)
+@pytest.mark.parametrize("profile", ["fixed", "heavy-tailed"])
+def test_serving(backend, load_runner, checkpoint, batching, profile, rate, record):
+    """BENCH_REQUESTS requests of `profile` arriving by a Poisson process at `rate`, served under the same KV
+    budget by each strategy: throughput, TTFT, TPOT, ITL, E2EL, KV waste."""
+    runner = load(backend, load_runner, checkpoint, batching)
+    config = bench_config(batching, checkpoint)
+    warm_up(runner, config)
+    requests = make_requests(checkpoint, PROFILES[profile], BENCH_REQUESTS, rate=rate, seed=7)
+    result = serve(runner, requests, config, clock=WallClock())
+    record.params(kv_tokens=config.kv_tokens, max_batch=config.max_batch, requests=BENCH_REQUESTS)
+    record(**serving_record(result))
+
+
+@pytest.mark.bench
+def test_concurrency_at_a_fixed_kv_budget(backend, load_runner, checkpoint, batching, record):
+    """Every request at once, FIXED_KV_TOKENS of KV memory, no cap on running sequences: how many run together."""
+    if batching in (Batching.SEQUENTIAL, Batching.STATIC):
+        pytest.skip(f"{batching.value} has no KV budget: it runs a fixed batch size")
+    runner = load(backend, load_runner, checkpoint, batching)
+    config = bench_config(batching, checkpoint, kv_tokens=FIXED_KV_TOKENS, max_batch=64)
+    warm_up(runner, config)
+    requests = make_requests(checkpoint, PROFILES["fixed"], 48, seed=8)
+    result = serve(runner, requests, config, clock=WallClock())
+    record.params(kv_tokens=FIXED_KV_TOKENS)
+    record(**serving_record(result))
+
+
+@pytest.mark.bench
+@pytest.mark.parametrize("sharing", SHARING)
+def test_prefix_sharing(backend, load_runner, checkpoint, sharing, record):
+    """A system prompt shared by a fraction of the requests: prefill tokens the prefix cache skips, and mean TTFT
+    with and without it, measured side by side."""
+    require(backend, f"batching:{Batching.PAGED_PREFIX.value}")
+    runner = load_runner(checkpoint, Strategy())
+    profile = PROFILES["shared-prefix"]
+    requests = make_requests(checkpoint, profile, BENCH_REQUESTS, rate=SHARING_RATE, sharing=sharing, seed=9)
+    runs = {}
+    for batching in (Batching.PAGED, Batching.PAGED_PREFIX):
+        config = bench_config(batching, checkpoint)
+        warm_up(runner, config)
+        runs[batching] = serve(runner, requests, config, clock=WallClock())
+    with_cache, without = (serving_metrics(runs[b].completions) for b in (Batching.PAGED_PREFIX, Batching.PAGED))
+    prefix = system_prompt(checkpoint, profile)
+    sharers = [c for c in runs[Batching.PAGED_PREFIX].completions if c.request.prompt[:len(prefix)] == prefix]
+    skipped = sum(c.cached_tokens[0] for c in runs[Batching.PAGED_PREFIX].completions)
+    skipped_of_prefix = sum(min(c.cached_tokens[0], len(prefix)) for c in sharers)
+    record.params(rate=SHARING_RATE, shared_prefix=profile.shared_prefix)
+    record(prefix_tokens_skipped=skipped,
+           shared_prefix_skipped_pct=100 * skipped_of_prefix / (len(sharers) * len(prefix)) if sharers else 0.0,
+           ttft_mean_ms=with_cache["ttft_mean_ms"], ttft_mean_ms_uncached=without["ttft_mean_ms"],
+           ttft_cut_pct=100 * (1 - with_cache["ttft_mean_ms"] / without["ttft_mean_ms"]),
+           output_throughput=with_cache["output_throughput"],
+           output_throughput_uncached=without["output_throughput"])
