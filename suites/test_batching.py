@@ -146,6 +146,8 @@ def test_each_request_as_alone(backend, load_runner, checkpoint, batching, workl
         assert_no_leak(result)
         if workload == "small-pool":
             assert result.stats.preemptions > 0, "the small pool never forced a preemption"
+            if batching is Batching.PAGED_PREFIX:
+                assert result.stats.block_accounting["evictions"] > 0, "no cached block was ever evicted"
 
 
 @pytest.mark.exactness

@@ -63,6 +63,7 @@ class BlockManager:
         self.block_hashes: dict[int, bytes] = {}  # block -> its hash, for cached blocks
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks no sequence holds, oldest first
         self.hit_tokens = 0
+        self.evictions = 0
 
     # --- the scheduler's calls ---------------------------------------------------------------------
 
@@ -131,6 +132,7 @@ class BlockManager:
         else:
             block, _ = self.evictable.popitem(last=False)
             del self.cached[self.block_hashes.pop(block)]
+            self.evictions += 1
         self.ref_counts[block] = 1
         return block
 
@@ -151,4 +153,4 @@ class BlockManager:
             raise AssertionError(f"{self.n_blocks} blocks, but {len(free)} free + {len(evictable)} cached unreferenced "
                                  f"+ {len(referenced)} held (overlapping or lost)")
         return {"blocks": self.n_blocks, "free": len(free), "cached_unreferenced": len(evictable),
-                "held": len(referenced), "cached": len(self.cached)}
+                "held": len(referenced), "cached": len(self.cached), "evictions": self.evictions}
