@@ -113,7 +113,7 @@ class StepClock:
 
 
 class WallClock:
-    """Time in seconds since the clock was made, less nothing: idle waits are skipped, not slept."""
+    """Time in seconds since the clock was made; an idle wait for an arrival is skipped, not slept."""
 
     def __init__(self):
         self.start = time.perf_counter()

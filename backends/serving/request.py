@@ -41,7 +41,8 @@ class Completion:
 @dataclass(frozen=True)
 class ServingConfig:
     """How a strategy serves. `kv_tokens` is the KV budget in tokens: `continuous` reserves `max_seq_len`
-    slots per running sequence out of it, the paged strategies cut it into blocks of `block_size`."""
+    slots per running sequence out of it, the paged strategies cut it into blocks of `block_size`; `static`
+    and `sequential` reserve each batch's longest prompt plus its longest output per row, whatever the budget."""
 
     batching: Batching
     max_batch: int = 16  # a static batch's size; the most sequences running at once
