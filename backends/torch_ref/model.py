@@ -106,38 +106,62 @@ class AttentionContext:
             return k, v
         return self.cache.store(layer, self.slots, k, v, self.allowed.shape[-1])
 
-    def queries(self, q: torch.Tensor) -> torch.Tensor:
-        """The (B, H, T, D) queries as the attention kernel takes them (a packed context regroups them)."""
-        return q
+    def attend(self, kernel, layer: int, q, k, v, slopes: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """Store the new keys/values and run the kernel: (B, H, T, D) queries -> (B, H, T, D)."""
+        k, v = self.keys_values(layer, k, v)  # (B, Hkv, S, D)
+        return kernel(q, k, v, self.allowed, alibi_bias(slopes, self.query_positions, self.key_positions), scale)
 
-    def outputs(self, out: torch.Tensor) -> torch.Tensor:
-        """The kernel's output back in the (B, H, T, D) layout of the call."""
-        return out
 
-    def distance(self) -> torch.Tensor:
-        """(B, 1, T, S): each key's position minus each query's (ALiBi's bias, by position, not slot)."""
-        return self.key_positions[:, None, None, :] - self.query_positions[:, None, :, None]
+def alibi_bias(slopes: torch.Tensor | None, query_positions: torch.Tensor, key_positions: torch.Tensor):
+    """(B, H, T, S) ALiBi bias, slope * (key position - query position), by position, not slot; None without ALiBi."""
+    if slopes is None:
+        return None
+    distance = key_positions[:, None, :] - query_positions[:, :, None]  # (B, T, S)
+    return slopes[None, :, None, None] * distance[:, None].float()
+
+
+@dataclass
+class AttentionGroup:
+    """Packed queries that share one kernel call: single tokens of several sequences, each its own batch row
+    (T = 1), or the tokens of one sequence (a prefill chunk: one batch row of T queries)."""
+
+    index: torch.Tensor  # (n,) the queries' places in the packed step
+    one_per_row: bool
+    allowed: torch.Tensor  # (G, 1, T, S)
+    query_positions: torch.Tensor  # (G, T)
+    key_positions: torch.Tensor  # (G, S)
+    read: Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # layer -> keys, values (G, Hkv, S, D)
+
+
+def attention_groups(seqs: torch.Tensor, counts: torch.Tensor) -> list[tuple[torch.Tensor, bool]]:
+    """Split packed tokens (N,) by sequence: every single-token sequence in one group, each longer one alone,
+    so a prefill chunk reads its sequence's keys once rather than once per token."""
+    single = counts[seqs] == 1
+    groups = [(single.nonzero()[:, 0], True)] if bool(single.any()) else []
+    for seq in (counts > 1).nonzero()[:, 0].tolist():
+        groups.append(((seqs == seq).nonzero()[:, 0], False))
+    return groups
 
 
 @dataclass
 class PackedContext(AttentionContext):
-    """N packed tokens of several sequences, run as one (1, N) call: each token is its own query row over the
-    keys of its own sequence, so the kernel sees (N, H, 1, D) queries against (N, Hkv, S, D) keys and
-    `allowed` is (N, 1, 1, S). `store` writes the new keys/values and returns the ones each token may read."""
+    """N packed tokens of several sequences, run as one (1, N) call. `write` stores the new keys/values of
+    every token; attention then runs per group (AttentionGroup), each query over its own sequence's keys."""
 
-    store: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    write: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+    groups: list[AttentionGroup] | None = None
 
-    def keys_values(self, layer, k, v):
-        return self.store(layer, k[0].transpose(0, 1), v[0].transpose(0, 1))  # (N, Hkv, D) each
-
-    def queries(self, q):
-        return q[0].transpose(0, 1)[:, :, None]  # (1, H, N, D) -> (N, H, 1, D)
-
-    def outputs(self, out):
-        return out[:, :, 0].transpose(0, 1)[None]  # (N, H, 1, D) -> (1, H, N, D)
-
-    def distance(self):
-        return self.key_positions[:, None, None, :] - self.query_positions[0][:, None, None, None]
+    def attend(self, kernel, layer, q, k, v, slopes, scale):
+        self.write(layer, k[0].transpose(0, 1), v[0].transpose(0, 1))  # (N, Hkv, D) each
+        out = torch.empty_like(q)  # (1, H, N, D)
+        for group in self.groups:
+            queries = q[0][:, group.index]  # (H, n, D)
+            queries = queries.transpose(0, 1)[:, :, None] if group.one_per_row else queries[None]  # (G, H, T, D)
+            keys, values = group.read(layer)
+            bias = alibi_bias(slopes, group.query_positions, group.key_positions)
+            result = kernel(queries, keys, values, group.allowed, bias, scale)  # (G, H, T, D)
+            out[0][:, group.index] = result[:, :, 0].transpose(0, 1) if group.one_per_row else result[0]
+        return out
 
 
 def rank_within(groups: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,15 +252,22 @@ class TorchKVCache(KVCache):
         self.valid[rows, slots] = True
         self.positions[rows, slots] = positions
         self._lengths = needed
-        seen = int(needed[rows].max())
-        allowed = causal_mask(slots[:, None], self.valid[rows, :seen])  # (N, 1, 1, S)
 
-        def store(layer, k, v):
+        def write(layer, k, v):
             self.k[layer][rows, :, slots] = k.to(self.k.dtype)
             self.v[layer][rows, :, slots] = v.to(self.v.dtype)
-            return self.k[layer][rows, :, :seen], self.v[layer][rows, :, :seen]  # (N, Hkv, S, D)
 
-        return PackedContext(allowed, positions[None], self.positions[rows, :seen], store=store)
+        def group(index: torch.Tensor, one_per_row: bool) -> AttentionGroup:
+            shape = (-1, 1) if one_per_row else (1, -1)  # (G, T)
+            group_rows = rows[index] if one_per_row else rows[index[:1]]
+            seen = int(needed[group_rows].max())
+            allowed = causal_mask(slots[index].view(shape), self.valid[group_rows, :seen])
+            return AttentionGroup(index, one_per_row, allowed, positions[index].view(shape),
+                                  self.positions[group_rows, :seen],
+                                  lambda layer: (self.k[layer][group_rows, :, :seen], self.v[layer][group_rows, :, :seen]))
+
+        groups = [group(index, one) for index, one in attention_groups(rows, counts)]
+        return PackedContext(None, positions[None], None, write=write, groups=groups)
 
 
 class TorchPagedKVCache(PagedKVCache):
@@ -275,31 +306,43 @@ class TorchPagedKVCache(PagedKVCache):
         """Write packed tokens through their block tables (forward_paged in base.py); build their context."""
         rank, counts = rank_within(seqs, block_tables.shape[0])
         logical = context_lens[seqs] - counts[seqs] + rank  # (N,)
-        held = context_lens[seqs]  # (N,) tokens of each query's sequence once this step is written
-        width = int(-(-int(held.max()) // self._block_size))  # blocks the longest sequence here needs
-        tables = block_tables[seqs, :width]  # (N, M)
-        needed = torch.arange(width, device=tables.device)[None, :] * self._block_size < held[:, None]
-        if bool(((tables < 0) | (tables >= self._n_blocks))[needed].any()):
+        width = int(-(-int(context_lens[seqs].max()) // self._block_size))  # blocks the longest sequence needs
+        tables = block_tables[:, :width]
+        needed = torch.arange(width, device=seqs.device)[None, :] * self._block_size < context_lens[:, None]
+        if bool(((tables < 0) | (tables >= self._n_blocks))[needed & (counts[:, None] > 0)].any()):
             raise ValueError(f"block tables {block_tables.tolist()} lack a valid block for context lengths "
                              f"{context_lens.tolist()} in a pool of {self._n_blocks} blocks")
         tables = tables.clamp(min=0)  # entries past a sequence's end: read, then masked below
-        new_slots = self.slot_mapping(tables, logical)
+        new_slots = self.slot_mapping(tables[seqs], logical)
         self.slot_positions[new_slots] = positions
-        key_logical = torch.arange(width * self._block_size, device=tables.device)  # (S,)
-        key_slots = self.physical_slots(tables, key_logical.expand(len(seqs), -1))  # (N, S)
-        key_valid = key_logical[None, :] < held[:, None]
-        allowed = (key_valid & (key_logical[None, :] <= logical[:, None]))[:, None, None]  # (N, 1, 1, S)
-        keep = key_valid[:, None, :, None]
 
-        def store(layer, k, v):
+        def write(layer, k, v):
             self.k[layer][new_slots] = k.to(self.k.dtype)
             self.v[layer][new_slots] = v.to(self.v.dtype)
-            # a sequence's slots past its length are never read: zeroed, not left to 0 * NaN in P @ V
-            keys = torch.where(keep, self.k[layer][key_slots].transpose(1, 2), 0.0)  # (N, Hkv, S, D)
-            values = torch.where(keep, self.v[layer][key_slots].transpose(1, 2), 0.0)
-            return keys, values
 
-        return PackedContext(allowed, positions[None], self.slot_positions[key_slots], store=store)
+        def group(index: torch.Tensor, one_per_row: bool) -> AttentionGroup:
+            shape = (-1, 1) if one_per_row else (1, -1)  # (G, T)
+            group_seqs = seqs[index] if one_per_row else seqs[index[:1]]
+            held = context_lens[group_seqs]  # (G,) tokens each sequence holds once this step is written
+            span = int(-(-int(held.max()) // self._block_size)) * self._block_size
+            key_logical = torch.arange(span, device=seqs.device)  # (S,)
+            key_slots = self.physical_slots(tables[group_seqs, : span // self._block_size],
+                                            key_logical.expand(len(group_seqs), -1))  # (G, S)
+            key_valid = key_logical[None, :] < held[:, None]
+            allowed = key_valid[:, None, :] & (key_logical[None, None, :] <= logical[index].view(shape)[:, :, None])
+            keep = key_valid[:, None, :, None]
+
+            def read(layer):
+                # a sequence's slots past its length are never read: zeroed, not left to 0 * NaN in P @ V
+                keys = torch.where(keep, self.k[layer][key_slots].transpose(1, 2), 0.0)  # (G, Hkv, S, D)
+                values = torch.where(keep, self.v[layer][key_slots].transpose(1, 2), 0.0)
+                return keys, values
+
+            return AttentionGroup(index, one_per_row, allowed[:, None], positions[index].view(shape),
+                                  self.slot_positions[key_slots], read)
+
+        groups = [group(index, one) for index, one in attention_groups(seqs, counts)]
+        return PackedContext(None, positions[None], None, write=write, groups=groups)
 
 
 def full_sequence_context(positions: torch.Tensor, token_mask: torch.Tensor) -> AttentionContext:
@@ -348,11 +391,8 @@ class SelfAttention(nn.Module):
         v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         if rope is not None:  # keys are rotated before they are cached, at their own positions
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        k, v = ctx.keys_values(layer, k, v)  # (B, Hkv, S, D)
-        bias = None
-        if cfg.position == "alibi":  # slope * (key position - query position), by position, not slot
-            bias = self.slopes[None, :, None, None] * ctx.distance().float()  # (B, H, T, S)
-        out = ctx.outputs(self.kernel(ctx.queries(q), k, v, ctx.allowed, bias, 1.0 / math.sqrt(cfg.head_dim)))
+        slopes = self.slopes if cfg.position == "alibi" else None
+        out = ctx.attend(self.kernel, layer, q, k, v, slopes, 1.0 / math.sqrt(cfg.head_dim))  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
 
 
