@@ -8,7 +8,21 @@ speculative verification need no new primitive.
 Cache semantics (every backend): a cache holds `capacity` slots per row. `forward` appends the T
 new tokens of row b at slots `lengths[b] .. lengths[b] + T - 1`, applies the positions given
 (not the slot numbers), and a query at slot s attends to the valid slots <= s of its own row.
-`truncate` rolls rows back (speculative rejection). Writing past `capacity` raises CacheFullError.
+`truncate` rolls rows back (speculative rejection), `reset` empties rows for reuse by another sequence.
+Writing past `capacity` raises CacheFullError.
+
+Serving (backends/serving/) needs two more abilities, each a declared capability with its own small ABC:
+
+- `PackedStepRunner.forward_packed` (capability `batching:continuous`): one step whose tokens come from
+  several rows at once, packed into one dimension with a row and a position per token (vLLM's flattened
+  batch, FlashAttention's varlen): a prefill chunk of one row beside single decode tokens of others, with no
+  padding computed or stored. Row r's tokens in the step are appended, in order, at `lengths[r]`, ...
+- `PagedRunner` (capabilities `batching:paged`, `batching:paged-prefix`): a pool of fixed-size KV blocks
+  (`new_paged_cache`) and `forward_paged`, which reads and writes each sequence's K/V through its block
+  table (the blocks holding its logical slots 0, 1, ... in order). The runner owns no per-sequence state: the
+  block manager above it decides which blocks a sequence holds and how many tokens it has.
+
+Every backend runs `batching:sequential` and `batching:static` with the core methods alone.
 """
 from __future__ import annotations
 
@@ -45,6 +59,10 @@ class KVCache(ABC):
     @abstractmethod
     def truncate(self, lengths: torch.Tensor) -> None:
         """Roll each row back to `lengths[b]` slots (never forward)."""
+
+    @abstractmethod
+    def reset(self, rows: torch.Tensor) -> None:
+        """Empty the given rows (length 0, no valid slot), so a new sequence can take them over."""
 
     @property
     @abstractmethod
@@ -97,6 +115,57 @@ class ModelRunner(ABC):
         self, tokens: torch.Tensor, positions: torch.Tensor, token_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The oracle path: the whole (B, T) sequence with no cache, returning (B, T, V) fp32 logits."""
+
+
+class PackedStepRunner(ABC):
+    """Capability `batching:continuous`: mixed prefill/decode steps over a contiguous cache, without padding."""
+
+    @abstractmethod
+    def forward_packed(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
+                       rows: torch.Tensor) -> torch.Tensor:
+        """Run N packed tokens, (N,) each: token i belongs to cache row `rows[i]` at position `positions[i]`.
+
+        A row's tokens are appended in the order they appear, at slots lengths[row], lengths[row] + 1, ...;
+        rows absent from `rows` are untouched. Returns (N, V) fp32 logits.
+        """
+
+
+class PagedKVCache(ABC):
+    """A pool of `n_blocks` blocks of `block_size` slots each, shared by every sequence through block tables."""
+
+    @property
+    @abstractmethod
+    def n_blocks(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def block_size(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def allocated_bytes(self) -> int:
+        """Bytes of the key/value pool actually allocated."""
+
+
+class PagedRunner(ABC):
+    """Capabilities `batching:paged` and `batching:paged-prefix`: a KV cache in blocks addressed by block tables."""
+
+    @abstractmethod
+    def new_paged_cache(self, n_blocks: int, block_size: int, fill: float = 0.0) -> PagedKVCache:
+        """A pool of `n_blocks` x `block_size` slots, every slot's keys and values set to `fill` (tests use NaN,
+        so a read of a slot no sequence wrote shows up in the logits)."""
+
+    @abstractmethod
+    def forward_paged(self, cache: PagedKVCache, tokens: torch.Tensor, positions: torch.Tensor, seqs: torch.Tensor,
+                      block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+        """Run N packed tokens (N,) of R sequences; returns (N, V) fp32 logits.
+
+        Token i belongs to sequence `seqs[i]`; `block_tables` (R, M) int64 lists each sequence's blocks in
+        logical order (-1 past its last); `context_lens` (R,) is how many tokens each sequence holds once this
+        step's are written. A sequence's tokens in the step are its last ones, in order: the k-th of c new
+        tokens sits at logical slot context_len - c + k, physical slot block_tables[seq, slot // block_size] *
+        block_size + slot % block_size. Each query attends to its sequence's slots up to its own.
+        """
 
 
 class Backend(ABC):

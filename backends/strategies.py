@@ -26,6 +26,15 @@ class Attention(StrEnum):
     NATIVE = "native"  # whatever a non-torch backend fuses itself
 
 
+class Batching(StrEnum):
+    """How requests are scheduled onto the model (backends/serving/); a backend declares `batching:<name>`."""
+
+    SEQUENTIAL = "sequential"  # one request at a time
+    STATIC = "static"  # fixed left-padded batches, each run until its longest request finishes
+    CONTINUOUS = "continuous"  # admitted and retired every step, contiguous per-row cache (Orca)
+    PAGED = "paged"  # continuous over a block pool with block tables (vLLM's PagedAttention)
+    PAGED_PREFIX = "paged-prefix"  # paged, plus automatic prefix caching of full blocks
+
 
 @dataclass(frozen=True)
 class Strategy:
@@ -57,3 +66,10 @@ def parse_attention(name: str) -> Attention:
         return Attention(name)
     except ValueError:
         raise ValueError(f"unknown attention strategy {name!r}; accepted: {', '.join(a.value for a in Attention)}") from None
+
+
+def parse_batching(name: str) -> Batching:
+    try:
+        return Batching(name)
+    except ValueError:
+        raise ValueError(f"unknown batching strategy {name!r}; accepted: {', '.join(b.value for b in Batching)}") from None

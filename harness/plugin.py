@@ -19,7 +19,7 @@ import torch
 from backends.base import Backend, ModelRunner, UnsupportedModel, strategy_capabilities
 from backends.checkpoint import Checkpoint, CheckpointError
 from backends.registry import available, get_backend
-from backends.strategies import Attention, Quant, Strategy, parse_attention, parse_quant
+from backends.strategies import Attention, Batching, Quant, Strategy, parse_attention, parse_batching, parse_quant
 
 from .models import DEFAULT_MODEL, resolve_model
 from .records import Record, RunWriter, check_writable_dir, current_commit, machine_info, new_run_id, run_header
@@ -27,6 +27,8 @@ from .records import Record, RunWriter, check_writable_dir, current_commit, mach
 DEFAULT_BACKENDS = ["torch"]
 SCRATCH_RESULTS_DIR = ".exactbench/results"  # under the rootdir, gitignored: plain runs never touch results/
 STRATEGY_FIXTURES = ("quant", "attention")
+PARAMETRIZED_FIXTURES = (*STRATEGY_FIXTURES, "batching")  # batching is recorded as a parameter
+STRATEGY_KINDS = {"quant": Quant, "attention": Attention, "batching": Batching}
 RECORDED_MARKERS = ("exactness", "bench")
 
 
@@ -53,16 +55,16 @@ class HarnessSession:
     model: Checkpoint
     writer: RunWriter
     shard: tuple[int, int] | None = None  # (index from 1, count)
+    batchings: list[Batching] | None = None  # None: every batching strategy each backend declares
     threads: int = field(default_factory=torch.get_num_threads)
     runner_cache: RunnerCache = field(default_factory=RunnerCache)
 
     def strategy_values(self, backend: str, kind: str) -> list:
-        chosen = self.quants if kind == "quant" else self.attentions
+        chosen = {"quant": self.quants, "attention": self.attentions, "batching": self.batchings}[kind]
         if chosen is not None:
             return chosen
         declared = get_backend(backend).capabilities()
-        every = Quant if kind == "quant" else Attention
-        return [value for value in every if f"{kind}:{value.value}" in declared]
+        return [value for value in STRATEGY_KINDS[kind] if f"{kind}:{value.value}" in declared]
 
 
 SESSION = pytest.StashKey[HarnessSession]()
@@ -81,6 +83,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--attention", action="append", metavar="NAME",
                     help="attention implementation; repeat for several (default: every one the backend declares). "
                          f"Names: {', '.join(a.value for a in Attention)}")
+    group.addoption("--batching", action="append", metavar="NAME",
+                    help="batching strategy; repeat for several (default: every one the backend declares). "
+                         f"Names: {', '.join(b.value for b in Batching)}")
     group.addoption("--results-dir", metavar="DIR",
                     help="where this run's records file is written (DIR/records/<run id>.jsonl; default: "
                          f"{SCRATCH_RESULTS_DIR} under the rootdir, a scratch directory; the main job publishes "
@@ -131,18 +136,22 @@ def pytest_configure(config: pytest.Config) -> None:
         quants = [parse_quant(q) for q in config.getoption("quant")] if config.getoption("quant") else None
         attentions = ([parse_attention(a) for a in config.getoption("attention")]
                       if config.getoption("attention") else None)
+        batchings = ([parse_batching(b) for b in config.getoption("batching")]
+                     if config.getoption("batching") else None)
         model_name = config.getoption("model")
         if model_name is not None and not model_name.strip():
             raise ValueError(f"--model is empty: name a built-in model or a local directory (default: {DEFAULT_MODEL})")
         model = resolve_model(model_name or DEFAULT_MODEL)
         shard = parse_shard(config.getoption("shard")) if config.getoption("shard") else None
         options = {"backends": backends, "model": model.name, "quant": config.getoption("quant"),
-                   "attention": config.getoption("attention"), "shard": config.getoption("shard"),
+                   "attention": config.getoption("attention"),
+                   "batching": config.getoption("batching"), "shard": config.getoption("shard"),
                    "markers": config.getoption("markexpr") or None, "worker": xdist_worker(config)}
         writer = open_run(config, options)
     except (ValueError, CheckpointError) as error:
         raise pytest.UsageError(str(error)) from None
-    config.stash[SESSION] = HarnessSession(list(dict.fromkeys(backends)), quants, attentions, model, writer, shard)
+    config.stash[SESSION] = HarnessSession(list(dict.fromkeys(backends)), quants, attentions, model, writer, shard,
+                                           batchings)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -172,7 +181,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend" not in metafunc.fixturenames:
         return
     session = metafunc.config.stash[SESSION]
-    kinds = [kind for kind in STRATEGY_FIXTURES if kind in metafunc.fixturenames]
+    kinds = [kind for kind in PARAMETRIZED_FIXTURES if kind in metafunc.fixturenames]
     combos: list[tuple] = [(name,) for name in session.backends]
     for kind in kinds:
         combos = [combo + (value,) for combo in combos for value in session.strategy_values(combo[0], kind)]

@@ -6,6 +6,7 @@ which tests of the KV-cache suite fail.
 from __future__ import annotations
 
 from backends.torch_ref.backend import TorchBackend, TorchRunner
+from backends.torch_ref.model import TorchPagedKVCache
 
 
 class RopeOffByOneRunner(TorchRunner):
@@ -42,3 +43,30 @@ PLANTED = {
     "ignores-padding": planted("ignores-padding", IgnoresPaddingRunner),
     "no-rollback": planted("no-rollback", NoRollbackRunner),
 }
+
+
+class BlockTableOffByOneCache(TorchPagedKVCache):
+    """New keys and values are written through the block table entry after the right one (the slot mapping
+    indexes the table one block too far; reads are right)."""
+
+    def slot_mapping(self, tables, logical):
+        last = tables.shape[1] * self.block_size - 1
+        return super().slot_mapping(tables, (logical + self.block_size).clamp(max=last))
+
+
+class BlockTableOffByOneRunner(TorchRunner):
+    def new_paged_cache(self, n_blocks, block_size, fill=0.0):
+        return BlockTableOffByOneCache(self.config, n_blocks, block_size, fill, self.dtype, self.device)
+
+
+class RowNotResetRunner(TorchRunner):
+    """reset() does nothing: a row taken over by a new request keeps the length (and the keys) of the last one."""
+
+    def new_cache(self, batch_size, capacity):
+        cache = super().new_cache(batch_size, capacity)
+        cache.reset = lambda rows: None
+        return cache
+
+
+PLANTED["block-table-off-by-one"] = planted("block-table-off-by-one", BlockTableOffByOneRunner)
+PLANTED["row-not-reset"] = planted("row-not-reset", RowNotResetRunner)

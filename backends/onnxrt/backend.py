@@ -11,7 +11,7 @@ import importlib
 from backends.base import Backend, ModelRunner, UnsupportedModel, strategy_capabilities
 from backends.checkpoint import POSITIONS, Checkpoint
 from backends.registry import register
-from backends.strategies import Attention, Quant, Strategy
+from backends.strategies import Attention, Batching, Quant, Strategy
 
 QUANTS = (Quant.FP32, Quant.FP16, Quant.INT8_DYNAMIC, Quant.INT4_BLOCK32, Quant.INT4_BLOCK128)
 DEPENDENCIES = {"onnxruntime": "onnxruntime", "onnx": "onnx"}  # module -> the package that provides it
@@ -39,6 +39,8 @@ class OnnxRuntimeBackend(Backend):
             [f"quant:{q.value}" for q in QUANTS]
             + [f"attention:{Attention.NATIVE.value}"]  # ONNX Runtime runs the exported attention its own way
             + [f"position:{p}" for p in POSITIONS]
+            # paged attention would need a gather of blocks inside the exported graph: not declared
+            + [f"batching:{b.value}" for b in (Batching.SEQUENTIAL, Batching.STATIC, Batching.CONTINUOUS)]
             + ["kv-cache", "ragged-batch", "cache-rollback", "onnx-export"]
         )
 

@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from backends.base import KVCache, ModelRunner
+from backends.base import CacheFullError, KVCache, ModelRunner, PackedStepRunner
 from backends.checkpoint import Checkpoint, ModelConfig
 from backends.strategies import Strategy
 
@@ -107,8 +107,25 @@ class OrtKVCache(KVCache):
         self.valid &= torch.arange(self.capacity)[None, :] < lengths[:, None]
         self._lengths = lengths.clone()
 
+    def reset(self, rows: torch.Tensor) -> None:
+        rows = rows.cpu()
+        self.valid[rows] = False
+        self._lengths[rows] = 0
 
-class OrtRunner(ModelRunner):
+
+def row_runs(counts: list[int]) -> list[tuple[int, int, int]]:
+    """(first row, number of rows, tokens per row) of each maximal range of consecutive rows with the same
+    non-zero token count."""
+    runs: list[tuple[int, int, int]] = []
+    for row, count in enumerate(counts):
+        if count and runs and runs[-1][2] == count and runs[-1][0] + runs[-1][1] == row:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1, count)
+        elif count:
+            runs.append((row, 1, count))
+    return runs
+
+
+class OrtRunner(ModelRunner, PackedStepRunner):
     """One ONNX model file (a strategy of one checkpoint) in an onnxruntime session."""
 
     def __init__(self, checkpoint: Checkpoint, strategy: Strategy, path: Path):
@@ -131,43 +148,84 @@ class OrtRunner(ModelRunner):
         return OrtKVCache(self, values, batch_size, capacity)
 
     def forward(self, cache, tokens, positions, token_mask=None):
-        if not isinstance(cache, OrtKVCache) or cache.owner is not self:
-            raise TypeError(f"cache of type {type(cache).__name__} was not made by this runner")
+        self._check_cache(cache)
         mask = torch.ones_like(tokens, dtype=torch.bool) if token_mask is None else token_mask.cpu().bool()
         if not (tokens.dim() == 2 and tokens.shape[0] == cache.lengths.shape[0]
                 and tokens.shape == positions.shape == mask.shape):
             raise ValueError(f"tokens {tuple(tokens.shape)}, positions {tuple(positions.shape)} and token_mask "
                              f"{tuple(mask.shape)} must all be (batch={cache.lengths.shape[0]}, T)")
         tokens, positions = tokens.cpu().long(), positions.cpu().long()
+        self._check_vocabulary(tokens)
+        cache.check_room(tokens.shape[1])
+        return self._run(cache, 0, tokens, positions, mask)
+
+    def forward_packed(self, cache, tokens, positions, rows):
+        """Rows are run in groups with no padding: each maximal range of consecutive rows that bring the same
+        number of tokens is one session run, its slice of the cache bound in place by address (rows are the
+        cache's outermost axis, so a range of rows is one contiguous block of memory)."""
+        self._check_cache(cache)
+        tokens, positions, rows = tokens.cpu().long(), positions.cpu().long(), rows.cpu().long()
+        self._check_vocabulary(tokens)
+        counts = torch.bincount(rows, minlength=cache.lengths.shape[0])
+        full = cache.lengths + counts > cache.capacity
+        if bool(full.any()):
+            row = int(full.nonzero()[0])
+            raise CacheFullError(f"KV cache full: row {row} holds {int(cache.lengths[row])} of {cache.capacity} "
+                                 f"slots and {int(counts[row])} more tokens were given")
+        order = torch.argsort(rows, stable=True)  # by row, each row's tokens in their order
+        logits = torch.empty(len(rows), self.config.vocab_size)
+        start = 0
+        for first, n_rows, count in row_runs(counts.tolist()):
+            picked = order[start: start + n_rows * count]
+            shape = (n_rows, count)
+            logits[picked] = self._run(cache, first, tokens[picked].view(shape), positions[picked].view(shape),
+                                       torch.ones(shape, dtype=torch.bool)).flatten(0, 1)
+            start += n_rows * count
+        return logits
+
+    def _check_cache(self, cache) -> None:
+        if not isinstance(cache, OrtKVCache) or cache.owner is not self:
+            raise TypeError(f"cache of type {type(cache).__name__} was not made by this runner")
+
+    def _check_vocabulary(self, tokens: torch.Tensor) -> None:
         outside = (tokens < 0) | (tokens >= self.config.vocab_size)
         if bool(outside.any()):
             raise ValueError(f"token id {int(tokens[outside][0])} is outside the vocabulary: accepted "
                              f"[0, {self.config.vocab_size})")
-        n_new = tokens.shape[1]
-        cache.check_room(n_new)
+
+    def _run(self, cache: OrtKVCache, first: int, tokens, positions, mask) -> torch.Tensor:
+        """Run (b, T) tokens on cache rows first .. first + b - 1, whose slots have room; (b, T, V) logits."""
+        n_rows, n_new = tokens.shape
+        picked = slice(first, first + n_rows)
         # the slots this call fills, as TorchKVCache.begin; the lengths advance only once the run succeeds
-        slots = cache.lengths[:, None] + torch.arange(n_new)  # (B, T)
-        rows = torch.arange(tokens.shape[0])[:, None]
+        slots = cache.lengths[picked, None] + torch.arange(n_new)  # (b, T)
+        rows = torch.arange(first, first + n_rows)[:, None]
         cache.valid[rows, slots] = mask
         cache.positions[rows, slots] = positions
-        lengths = cache.lengths + n_new
+        lengths = cache.lengths[picked] + n_new
         seen = int(lengths.max()) if lengths.numel() else 0
 
         binding = self.session.io_binding()
         feeds = {"input_ids": tokens, "position_ids": positions, "cache_position": slots,
-                 "attention_mask": cache.valid[:, :seen], "key_position_ids": cache.positions[:, :seen]}
+                 "attention_mask": cache.valid[picked, :seen], "key_position_ids": cache.positions[picked, :seen]}
         for name in input_names(self.config)[: -len(self.past_names)]:
             binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name].numpy()))
         binding.bind_output("logits", "cpu")  # first bound, so first in get_outputs()
         for past, present, value in zip(self.past_names, self.present_names, cache.values):
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)  # in place: present is past with the new slots written
+            if n_rows == cache.lengths.shape[0]:
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)  # in place: present is past with the new slots written
+            else:  # the rows' slice of the buffer, bound by address: still in place
+                shape = [n_rows, *value.shape()[1:]]
+                address = value.data_ptr() + first * int(np.prod(shape[1:])) * np.dtype(self.cache_dtype).itemsize
+                binding.bind_input(past, value.device_name(), 0, self.cache_dtype, shape, address)
+                binding.bind_output(present, value.device_name(), 0, self.cache_dtype, shape, address)
         try:
             self.session.run_with_iobinding(binding)
         except BaseException:
             cache.valid[rows, slots] = False  # slots past a row's length are invalid, as truncate leaves them
             raise
-        cache._lengths = lengths
+        cache._lengths[picked] = lengths
         return torch.from_numpy(binding.get_outputs()[0].numpy())
 
     def forward_full(self, tokens, positions, token_mask=None):

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from backends.base import Backend, KVCache, ModelRunner, UnsupportedModel, strategy_capabilities
+from backends.base import (Backend, KVCache, ModelRunner, PackedStepRunner, PagedKVCache, PagedRunner, UnsupportedModel,
+                           strategy_capabilities)
 from backends.checkpoint import Checkpoint, check_weights
 from backends.registry import register
-from backends.strategies import Attention, Quant, Strategy
+from backends.strategies import Attention, Batching, Quant, Strategy
 
 from .attention import IMPLEMENTATIONS, AttentionFn
-from .model import Transformer, TorchKVCache, full_sequence_context
+from .model import Transformer, TorchKVCache, TorchPagedKVCache, full_sequence_context
 
 DTYPES = {Quant.FP32: torch.float32, Quant.BF16: torch.bfloat16, Quant.FP16: torch.float16}
 
@@ -26,7 +27,7 @@ def build_model(checkpoint: Checkpoint, attention: Attention | None = None) -> T
     return model.eval()
 
 
-class TorchRunner(ModelRunner):
+class TorchRunner(ModelRunner, PackedStepRunner, PagedRunner):
     def __init__(self, checkpoint: Checkpoint, strategy: Strategy, device: torch.device):
         super().__init__(checkpoint, strategy)
         self.device = device
@@ -49,6 +50,24 @@ class TorchRunner(ModelRunner):
         return self.model(tokens, cache.begin(positions, mask)).float()
 
     @torch.inference_mode()
+    def forward_packed(self, cache: KVCache, tokens, positions, rows):
+        if not isinstance(cache, TorchKVCache):
+            raise TypeError(f"cache of type {type(cache).__name__} was not made by this runner")
+        tokens, positions, rows = (x.to(self.device) for x in (tokens, positions, rows))
+        return self.model(tokens[None], cache.begin_packed(positions, rows))[0].float()
+
+    def new_paged_cache(self, n_blocks: int, block_size: int, fill: float = 0.0) -> TorchPagedKVCache:
+        return TorchPagedKVCache(self.config, n_blocks, block_size, fill, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward_paged(self, cache: PagedKVCache, tokens, positions, seqs, block_tables, context_lens):
+        if not isinstance(cache, TorchPagedKVCache):
+            raise TypeError(f"cache of type {type(cache).__name__} was not made by this backend")
+        tokens, positions, seqs, block_tables, context_lens = (
+            x.to(self.device) for x in (tokens, positions, seqs, block_tables, context_lens))
+        return self.model(tokens[None], cache.begin(positions, seqs, block_tables, context_lens))[0].float()
+
+    @torch.inference_mode()
     def forward_full(self, tokens, positions, token_mask=None):
         tokens, positions, mask = self._inputs(tokens, positions, token_mask)
         return self.model(tokens, full_sequence_context(positions, mask)).float()
@@ -65,6 +84,7 @@ class TorchBackend(Backend):
             [f"quant:{q.value}" for q in DTYPES]
             + [f"attention:{a.value}" for a in IMPLEMENTATIONS]
             + [f"position:{p}" for p in ("rope", "alibi", "learned", "sinusoidal")]
+            + [f"batching:{b.value}" for b in Batching]
             + ["kv-cache", "ragged-batch", "cache-rollback", "attention-kernels"]
         )
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backends.base import KVCache, UnsupportedModel
+from backends.base import CacheFullError, KVCache, PagedKVCache, UnsupportedModel
 from backends.checkpoint import ModelConfig
 from backends.strategies import Attention
 
@@ -130,16 +131,89 @@ class AttentionContext:
     cache: TorchKVCache | None = None
     slots: torch.Tensor | None = None  # (B, T) cache slots of the new tokens
 
-    def within(self, window: int) -> torch.Tensor:
-        """(B, 1, T, S): keys less than `window` positions before their query (a sliding window)."""
-        distance = self.query_positions[:, None, :, None] - self.key_positions[:, None, None, :]
-        return distance < window
-
     def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new (B, Hkv, T, D) keys/values and return every key/value the queries may read."""
         if self.cache is None:
             return k, v
         return self.cache.store(layer, self.slots, k, v, self.allowed.shape[-1])
+
+    def attend(self, kernel, layer: int, q, k, v, slopes: torch.Tensor | None, scale: float,
+               window: int | None = None) -> torch.Tensor:
+        """Store the new keys/values and run the kernel: (B, H, T, D) queries -> (B, H, T, D); `window`: a sliding
+        window (keys less than that many positions before their query)."""
+        k, v = self.keys_values(layer, k, v)  # (B, Hkv, S, D)
+        allowed = within_window(self.allowed, self.query_positions, self.key_positions, window)
+        return kernel(q, k, v, allowed, alibi_bias(slopes, self.query_positions, self.key_positions), scale)
+
+
+def within_window(allowed: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor,
+                  window: int | None) -> torch.Tensor:
+    """`allowed` (B, 1, T, S) narrowed to keys less than `window` positions before their query (None: unchanged)."""
+    if window is None:
+        return allowed
+    distance = query_positions[:, None, :, None] - key_positions[:, None, None, :]
+    return allowed & (distance < window)
+
+
+def alibi_bias(slopes: torch.Tensor | None, query_positions: torch.Tensor, key_positions: torch.Tensor):
+    """(B, H, T, S) ALiBi bias, slope * (key position - query position), by position, not slot; None without ALiBi."""
+    if slopes is None:
+        return None
+    distance = key_positions[:, None, :] - query_positions[:, :, None]  # (B, T, S)
+    return slopes[None, :, None, None] * distance[:, None].to(slopes.dtype)
+
+
+@dataclass
+class AttentionGroup:
+    """Packed queries that share one kernel call: single tokens of several sequences, each its own batch row
+    (T = 1), or the tokens of one sequence (a prefill chunk: one batch row of T queries)."""
+
+    index: torch.Tensor  # (n,) the queries' places in the packed step
+    one_per_row: bool
+    allowed: torch.Tensor  # (G, 1, T, S)
+    query_positions: torch.Tensor  # (G, T)
+    key_positions: torch.Tensor  # (G, S)
+    read: Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # layer -> keys, values (G, Hkv, S, D)
+
+
+def attention_groups(seqs: torch.Tensor, counts: torch.Tensor) -> list[tuple[torch.Tensor, bool]]:
+    """Split packed tokens (N,) by sequence: every single-token sequence in one group, each longer one alone,
+    so a prefill chunk reads its sequence's keys once rather than once per token."""
+    single = counts[seqs] == 1
+    groups = [(single.nonzero()[:, 0], True)] if bool(single.any()) else []
+    for seq in (counts > 1).nonzero()[:, 0].tolist():
+        groups.append(((seqs == seq).nonzero()[:, 0], False))
+    return groups
+
+
+@dataclass
+class PackedContext(AttentionContext):
+    """N packed tokens of several sequences, run as one (1, N) call. `write` stores the new keys/values of
+    every token; attention then runs per group (AttentionGroup), each query over its own sequence's keys."""
+
+    write: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+    groups: list[AttentionGroup] | None = None
+
+    def attend(self, kernel, layer, q, k, v, slopes, scale, window=None):
+        self.write(layer, k[0].transpose(0, 1), v[0].transpose(0, 1))  # (N, Hkv, D) each
+        out = torch.empty_like(q)  # (1, H, N, D)
+        for group in self.groups:
+            queries = q[0][:, group.index]  # (H, n, D)
+            queries = queries.transpose(0, 1)[:, :, None] if group.one_per_row else queries[None]  # (G, H, T, D)
+            keys, values = group.read(layer)
+            bias = alibi_bias(slopes, group.query_positions, group.key_positions)
+            allowed = within_window(group.allowed, group.query_positions, group.key_positions, window)
+            result = kernel(queries, keys, values, allowed, bias, scale)  # (G, H, T, D)
+            out[0][:, group.index] = result[:, :, 0].transpose(0, 1) if group.one_per_row else result[0]
+        return out
+
+
+def rank_within(groups: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed items (N,) of `groups`: each item's rank among the earlier items of its group, and each
+    group's count (n_groups,)."""
+    one_hot = F.one_hot(groups, n_groups)  # (N, n_groups)
+    rank = one_hot.cumsum(dim=0).gather(1, groups[:, None])[:, 0] - 1
+    return rank, one_hot.sum(dim=0)
 
 
 def causal_mask(query_slots: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
@@ -185,6 +259,11 @@ class TorchKVCache(KVCache):
         self.valid &= slots[None, :] < lengths[:, None]
         self._lengths = lengths.clone()
 
+    def reset(self, rows: torch.Tensor) -> None:
+        rows = rows.to(self._lengths.device)
+        self.valid[rows] = False
+        self._lengths = self._lengths.index_fill(0, rows, 0)  # not in place: forward leaves an inference tensor
+
     def begin(self, positions: torch.Tensor, token_mask: torch.Tensor) -> AttentionContext:
         """Reserve slots for (B, T) new tokens and build the mask every layer uses."""
         n_new = positions.shape[1]
@@ -204,6 +283,110 @@ class TorchKVCache(KVCache):
         self.k[layer][rows, :, slots] = k.transpose(1, 2).to(self.k.dtype)
         self.v[layer][rows, :, slots] = v.transpose(1, 2).to(self.v.dtype)
         return self.k[layer, :, :, :seen], self.v[layer, :, :, :seen]
+
+    def begin_packed(self, positions: torch.Tensor, rows: torch.Tensor) -> PackedContext:
+        """Append packed tokens (N,) to their rows (forward_packed in base.py) and build their attention context."""
+        rank, counts = rank_within(rows, self._lengths.shape[0])
+        needed = self._lengths + counts
+        if bool((needed > self.capacity).any()):
+            row = int((needed > self.capacity).nonzero()[0])
+            raise CacheFullError(f"KV cache full: row {row} holds {int(self._lengths[row])} of {self.capacity} "
+                                 f"slots and {int(counts[row])} more tokens were given")
+        slots = self._lengths[rows] + rank  # (N,)
+        self.valid[rows, slots] = True
+        self.positions[rows, slots] = positions
+        self._lengths = needed
+
+        def write(layer, k, v):
+            self.k[layer][rows, :, slots] = k.to(self.k.dtype)
+            self.v[layer][rows, :, slots] = v.to(self.v.dtype)
+
+        def group(index: torch.Tensor, one_per_row: bool) -> AttentionGroup:
+            shape = (-1, 1) if one_per_row else (1, -1)  # (G, T)
+            group_rows = rows[index] if one_per_row else rows[index[:1]]
+            seen = int(needed[group_rows].max())
+            allowed = causal_mask(slots[index].view(shape), self.valid[group_rows, :seen])
+            return AttentionGroup(index, one_per_row, allowed, positions[index].view(shape),
+                                  self.positions[group_rows, :seen],
+                                  lambda layer: (self.k[layer][group_rows, :, :seen], self.v[layer][group_rows, :, :seen]))
+
+        groups = [group(index, one) for index, one in attention_groups(rows, counts)]
+        return PackedContext(None, positions[None], None, write=write, groups=groups)
+
+
+class TorchPagedKVCache(PagedKVCache):
+    """The block pool, stored slot-major: keys and values (n_layers, n_blocks * block_size, Hkv, D), and the
+    position each slot holds. Which slots belong to which sequence is only ever said by the block tables."""
+
+    def __init__(self, config: ModelConfig, n_blocks: int, block_size: int, fill: float, dtype, device):
+        shape = (config.n_layers, n_blocks * block_size, config.n_kv_heads, config.head_dim)
+        self.k = torch.full(shape, fill, dtype=dtype, device=device)
+        self.v = torch.full(shape, fill, dtype=dtype, device=device)
+        self.slot_positions = torch.zeros(n_blocks * block_size, dtype=torch.long, device=device)
+        self._n_blocks, self._block_size = n_blocks, block_size
+
+    @property
+    def n_blocks(self) -> int:
+        return self._n_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+    def physical_slots(self, tables: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
+        """Pool slots of logical slots (..., S) through the block tables (..., M) of their sequences."""
+        blocks = tables.gather(-1, logical // self._block_size)
+        return blocks * self._block_size + logical % self._block_size
+
+    def slot_mapping(self, tables: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
+        """Pool slots (N,) where new tokens at logical slots (N,) are written (vLLM's slot mapping)."""
+        return self.physical_slots(tables, logical[:, None])[:, 0]
+
+    def begin(self, positions, seqs, block_tables, context_lens) -> PackedContext:
+        """Write packed tokens through their block tables (forward_paged in base.py); build their context."""
+        rank, counts = rank_within(seqs, block_tables.shape[0])
+        logical = context_lens[seqs] - counts[seqs] + rank  # (N,)
+        width = int(-(-int(context_lens[seqs].max()) // self._block_size))  # blocks the longest sequence needs
+        tables = block_tables[:, :width]
+        needed = torch.arange(width, device=seqs.device)[None, :] * self._block_size < context_lens[:, None]
+        if bool(((tables < 0) | (tables >= self._n_blocks))[needed & (counts[:, None] > 0)].any()):
+            raise ValueError(f"block tables {block_tables.tolist()} lack a valid block for context lengths "
+                             f"{context_lens.tolist()} in a pool of {self._n_blocks} blocks")
+        tables = tables.clamp(min=0)  # entries past a sequence's end: read, then masked below
+        new_slots = self.slot_mapping(tables[seqs], logical)
+        self.slot_positions[new_slots] = positions
+
+        def write(layer, k, v):
+            self.k[layer][new_slots] = k.to(self.k.dtype)
+            self.v[layer][new_slots] = v.to(self.v.dtype)
+
+        def group(index: torch.Tensor, one_per_row: bool) -> AttentionGroup:
+            shape = (-1, 1) if one_per_row else (1, -1)  # (G, T)
+            group_seqs = seqs[index] if one_per_row else seqs[index[:1]]
+            held = context_lens[group_seqs]  # (G,) tokens each sequence holds once this step is written
+            span = int(-(-int(held.max()) // self._block_size)) * self._block_size
+            key_logical = torch.arange(span, device=seqs.device)  # (S,)
+            key_slots = self.physical_slots(tables[group_seqs, : span // self._block_size],
+                                            key_logical.expand(len(group_seqs), -1))  # (G, S)
+            key_valid = key_logical[None, :] < held[:, None]
+            allowed = key_valid[:, None, :] & (key_logical[None, None, :] <= logical[index].view(shape)[:, :, None])
+            keep = key_valid[:, None, :, None]
+
+            def read(layer):
+                # a sequence's slots past its length are never read: zeroed, not left to 0 * NaN in P @ V
+                keys = torch.where(keep, self.k[layer][key_slots].transpose(1, 2), 0.0)  # (G, Hkv, S, D)
+                values = torch.where(keep, self.v[layer][key_slots].transpose(1, 2), 0.0)
+                return keys, values
+
+            return AttentionGroup(index, one_per_row, allowed[:, None], positions[index].view(shape),
+                                  self.slot_positions[key_slots], read)
+
+        groups = [group(index, one) for index, one in attention_groups(seqs, counts)]
+        return PackedContext(None, positions[None], None, write=write, groups=groups)
 
 
 def full_sequence_context(positions: torch.Tensor, token_mask: torch.Tensor) -> AttentionContext:
@@ -279,15 +462,9 @@ class SelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # keys are rotated before they are cached, at their own positions
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        k, v = ctx.keys_values(layer, k, v)  # (B, Hkv, S, D)
-        allowed, window = ctx.allowed, cfg.window(layer)
-        if window is not None:
-            allowed = allowed & ctx.within(window)
-        bias = None
-        if cfg.position == "alibi":  # slope * (key position - query position), by position, not slot
-            distance = ctx.key_positions[:, None, None, :] - ctx.query_positions[:, None, :, None]
-            bias = self.slopes[None, :, None, None] * distance.to(self.slopes.dtype)  # (B, H, T, S)
-        out = self.kernel(q, k, v, allowed, bias, 1.0 / math.sqrt(cfg.query_pre_attn_scalar or cfg.head_dim))
+        slopes = self.slopes if cfg.position == "alibi" else None
+        scale = 1.0 / math.sqrt(cfg.query_pre_attn_scalar or cfg.head_dim)
+        out = ctx.attend(self.kernel, layer, q, k, v, slopes, scale, cfg.window(layer))  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
 
 
