@@ -181,8 +181,8 @@ def test_llama3_rope_read_as_linear_scaling_is_caught(pytester, monkeypatch):
 
 def test_sliding_window_ignored_is_caught(pytester, monkeypatch):
     """Every key visible in the sliding layers: right until the sequence outgrows the window (8 of 24 tokens)."""
-    monkeypatch.setattr(backends.torch_ref.model.AttentionContext, "within",
-                        lambda self, window: torch.ones((), dtype=torch.bool))
+    monkeypatch.setattr(backends.torch_ref.model, "within_window",
+                        lambda allowed, query_positions, key_positions, window: allowed)
     result = run_suite(pytester, "logits and (gemma2 or gemma3 or window or llama-gqa)")
     result.assert_outcomes(failed=4, passed=1)
 
