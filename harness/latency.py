@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from backends.serving import Completion
+from backends.algorithms.serving import Completion
 
 PERCENTILES = (50, 90, 99)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from backends.checkpoint import Checkpoint
-from backends.serving import Request
+from backends.algorithms.serving import Request
 
 from . import corpus
 

@@ -1,6 +1,6 @@
 """Batching: every request's output equals the same request run alone, whatever strategy serves it.
 
-The reference for each request is `backends.generation.generate` on that request alone (a batch of one, the
+The reference for each request is `backends.algorithms.generation.generate` on that request alone (a batch of one, the
 plain cached decode the KV-cache suite checks). Every strategy the backend declares (`--batching`) serves the
 same requests and must give, per request, the same greedy tokens and logits within `logit_bound`:
 
@@ -24,9 +24,9 @@ import pytest
 import torch
 
 from backends.checkpoint import Checkpoint
-from backends.generation import Generation, Sampling, generate
-from backends.serving import Request, ServingConfig, serve
-from backends.serving.engine import WallClock, paged_memory
+from backends.algorithms.generation import Generation, Sampling, generate
+from backends.algorithms.serving import Request, ServingConfig, serve
+from backends.algorithms.serving.engine import WallClock, paged_memory
 from backends.strategies import Batching, Strategy
 from harness.latency import serving_metrics
 from harness.plugin import require

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends.generation import generate, left_pad
+from backends.algorithms.generation import generate, left_pad
 from backends.registry import get_backend
 from backends.strategies import Quant, Strategy
 from harness.models import config_matrix, parametrize_models

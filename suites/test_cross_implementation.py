@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from backends.checkpoint import hf_architecture, load_checkpoint
-from backends.generation import generate
+from backends.algorithms.generation import generate
 from backends.strategies import Quant, Strategy
 from harness.models import EMBEDDED_MODELS
 from harness.oracles import first_mismatch, max_abs_error

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from backends.base import CacheFullError
-from backends.generation import generate
+from backends.algorithms.generation import generate
 from backends.strategies import Quant, Strategy
 from harness.models import ATTENTION_KINDS, POSITION_VARIANTS, config_matrix, parametrize_models, small_checkpoint
 from harness.oracles import assert_by_oracle, assert_fp32_by_oracle, max_abs_error

@@ -20,10 +20,10 @@ import torch
 
 from backends.base import ModelRunner, UnsupportedModel
 from backends.checkpoint import Checkpoint, ModelConfig
-from backends.generation import Generation, Sampling, generate
+from backends.algorithms.generation import Generation, Sampling, generate
 from backends.registry import get_backend
-from backends.rejection_sampler import draw, one_hot, residual, verify
-from backends.speculative import Drafter, ModelDraft, PromptLookupDraft, SpeculativeDecoder
+from backends.algorithms.rejection_sampler import draw, one_hot, residual, verify
+from backends.algorithms.speculative import Drafter, ModelDraft, PromptLookupDraft, SpeculativeDecoder
 from backends.strategies import Quant, Strategy
 from harness.models import parametrize_models, random_checkpoint, resolve_model
 from harness.oracles import assert_distribution, assert_greedy_agrees

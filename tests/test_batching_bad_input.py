@@ -1,7 +1,7 @@
 """Bad serving input is a one-line error naming the value and what is accepted."""
 import pytest
 
-from backends.serving import Request, ServingConfig, serve
+from backends.algorithms.serving import Request, ServingConfig, serve
 from backends.strategies import Batching, Strategy
 from backends.torch_ref.backend import TorchBackend
 from harness.models import resolve_model

@@ -6,7 +6,7 @@ copy), runs a selection of suites/test_batching.py in process, and asserts which
 import hashlib
 from pathlib import Path
 
-from backends.serving import block_manager
+from backends.algorithms.serving import block_manager
 
 from .planted_faults import PLANTED
 

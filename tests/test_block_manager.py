@@ -1,7 +1,7 @@
 """The block manager alone (no model): reference counts, prefix hits, LRU eviction, its accounting."""
 import pytest
 
-from backends.serving.block_manager import BlockManager
+from backends.algorithms.serving.block_manager import BlockManager
 
 BS = 4
 

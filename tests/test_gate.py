@@ -46,7 +46,7 @@ def speed_run(pytester, runner_cls, results: Path):
 
 CACHE_CHECK = """
 import pytest
-from backends.generation import generate
+from backends.algorithms.generation import generate
 from backends.strategies import Strategy
 from harness.oracles import max_abs_error
 

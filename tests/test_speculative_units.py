@@ -3,8 +3,8 @@ bad input. (Exactness itself is suites/test_speculative.py.)"""
 import pytest
 import torch
 
-from backends.generation import GREEDY
-from backends.speculative import PromptLookupDraft, SpeculativeDecoder
+from backends.algorithms.generation import GREEDY
+from backends.algorithms.speculative import PromptLookupDraft, SpeculativeDecoder
 from backends.torch_ref.backend import TorchBackend
 from backends.strategies import Strategy
 from harness.models import resolve_model

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from backends.checkpoint import Checkpoint
-from backends.generation import generate
+from backends.algorithms.generation import generate
 from backends.registry import get_backend
 from backends.strategies import Quant, Strategy
 from harness.models import TINY_RANDOM, random_checkpoint, trained_scale_checkpoint

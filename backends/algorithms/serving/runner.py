@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from backends.base import ModelRunner, PackedStepRunner, PagedRunner
-from backends.generation import left_pad, next_tokens
+from backends.algorithms.generation import left_pad, next_tokens
 
 from .block_manager import BlockManager, RowPool
 from .request import Request

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ModelRunner
+from backends.base import ModelRunner
 
 PAD_TOKEN = 0
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import KVCache, ModelRunner
+from backends.base import KVCache, ModelRunner
 from .generation import GREEDY, PAD_TOKEN, Sampling, left_pad
 from .rejection_sampler import distribution, draw, one_hot, verify
 

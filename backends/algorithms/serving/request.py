@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backends.generation import GREEDY, Sampling
+from backends.algorithms.generation import GREEDY, Sampling
 from backends.strategies import Batching
 
 DEFAULT_BLOCK_SIZE = 16
