@@ -9,18 +9,21 @@ from pathlib import Path
 from .records import RecordsError
 
 MAIN_JOB_MARKERS = "exactness or bench"
+# a first look in a few minutes: the exactness checks of the --model checkpoint, without the configuration matrix
+QUICK_MARKERS = "exactness and not config_matrix"
 PUBLISHED = Path("results")
 # pytest's exit statuses after which the records hold results worth tabulating: all passed, some failed
 TABULATED_STATUSES = (0, 1)
 
 
-def run_main_job(results_dir: Path, pytest_args: list[str]) -> int:
+def run_main_job(results_dir: Path, pytest_args: list[str], quick: bool = False) -> int:
     """The suites on the default model (every available backend), published into `results_dir`, then the tables."""
     from backends.registry import available
 
     backend_args = [arg for name in available() for arg in ("--backend", name)]
     # a child process: pytest must import the plugin's modules itself (assertion rewriting, warnings as errors)
-    status = subprocess.run([sys.executable, "-m", "pytest", "suites", "-m", MAIN_JOB_MARKERS,
+    markers = QUICK_MARKERS if quick else MAIN_JOB_MARKERS
+    status = subprocess.run([sys.executable, "-m", "pytest", "suites", "-m", markers,
                              "--results-dir", str(results_dir), *backend_args, *pytest_args]).returncode
     if status not in TABULATED_STATUSES:
         print(f"error: pytest ended with status {status}; tables not regenerated", file=sys.stderr)
@@ -51,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the suites (exactness and bench tiers) and publish the tables")
     run.add_argument("--results-dir", type=Path, default=PUBLISHED, help=f"default: {PUBLISHED}")
+    run.add_argument("--quick", action="store_true",
+                     help=f"a first look: only -m '{QUICK_MARKERS}' (a few minutes), then the tables")
     run.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra arguments passed to pytest")
     rep = commands.add_parser("report", help="regenerate results/*.md from the run files in results/records/")
     rep.add_argument("--results-dir", type=Path, default=PUBLISHED, help=f"default: {PUBLISHED}")
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return main_train(rest)
     if args.command == "run":
-        return run_main_job(args.results_dir, args.pytest_args + rest)
+        return run_main_job(args.results_dir, args.pytest_args + rest, args.quick)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "gate":
