@@ -19,14 +19,17 @@ from dataclasses import dataclass
 
 import torch
 
+from backends.base import UnsupportedModel
+
 INT4_ZERO_POINT = 8
 INT4_MAX_CODE = 15
 INT8_MAX_CODE = 127
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 
 
-class FormatError(ValueError):
-    """A tensor cannot be stored in the requested format; the message names the value and what is accepted."""
+class FormatError(UnsupportedModel):
+    """A tensor cannot be stored in the requested format; the message names the value and what is accepted
+    (a backend loading a model under the format reports it as a model the strategy cannot express)."""
 
 
 def _nonzero(scale: torch.Tensor) -> torch.Tensor:
