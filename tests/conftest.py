@@ -1,5 +1,8 @@
 import pytest
 
+import backends.torch_ref  # noqa: F401  imported here, before any in-process pytester run: it imports torchao
+# (when installed), which registers torch operator libraries that abort on a second import, and pytester's
+# in-process runs drop every module first imported inside them
 from backends import registry
 
 pytest_plugins = ["pytester"]

@@ -34,6 +34,11 @@ from backends.strategies import Quant
 
 from .model import TorchKVCache
 
+try:  # imported with the backend, once: torchao registers torch operator libraries that refuse a second import
+    import torchao.quantization as torchao_quantization  # (pytester's in-process runs drop modules they imported)
+except ImportError:
+    torchao_quantization = None
+
 INT4_BLOCKS = {Quant.INT4_BLOCK32: 32, Quant.INT4_BLOCK128: 128, Quant.INT4_GPTQ_BLOCK128: 128}
 TORCHAO = {Quant.INT8_WEIGHT: "Int8WeightOnlyConfig", Quant.INT8_DYNAMIC: "Int8DynamicActivationInt8WeightConfig"}
 IMPLEMENTATION = {
@@ -166,12 +171,10 @@ def quantize_model(model: nn.Module, quant: Quant, checkpoint: Checkpoint) -> No
 
 
 def quantize_with_torchao(model: nn.Module, quant: Quant) -> None:
-    try:
-        import torchao.quantization as ao
-    except ImportError as error:
-        raise UnsupportedModel(f"{quant.value} runs torchao's {TORCHAO[quant]}, and torchao is not installed "
-                               f"({error}); pip install torchao") from None
-    ao.quantize_(model, getattr(ao, TORCHAO[quant])())
+    if torchao_quantization is None:
+        raise UnsupportedModel(f"{quant.value} runs torchao's {TORCHAO[quant]}, and torchao is not installed; "
+                               "pip install torchao (the 'torchao' extra)")
+    torchao_quantization.quantize_(model, getattr(torchao_quantization, TORCHAO[quant])())
 
 
 def weight_bytes(model: nn.Module) -> dict[str, float]:
