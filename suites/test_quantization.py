@@ -8,7 +8,7 @@ exactness (capabilities 'quantized-linears', 'quantized-kv'):
 - the stored format round-trips (re-quantizing its value under its own scales gives its codes back), and a
   round-to-nearest format stores what its definition (backends/quant/formats.py) makes of the checkpoint's weights;
 - the int8 KV quantizer keeps every element within half a step of its input (nothing clipped).
-bench, on QUALITY_WINDOWS held-out windows (harness/corpus.py; the second half of each scored:
+bench, on QUALITY_WINDOWS held-out windows evenly spaced over the stream (harness/corpus.py; the second half scored:
 QUALITY_WINDOWS x CONTEXT/2 = 4,096 tokens): llama.cpp's PPL, dPPL, mean KLD, KLD p99/max, RMS dp, same-top-1
 against the backend's fp32 log-probabilities (stored once per model and backend under the cache directory);
 prefill and decode tokens/s at batch 1 and 8 as ratios to the backend's fp32, timed alternately in one run;
@@ -149,7 +149,8 @@ def quality_windows(checkpoint) -> torch.Tensor:
     if checkpoint.directory is None or not (checkpoint.directory / TOKENIZER_FILE).exists():
         pytest.skip(f"model {checkpoint.name} has no {TOKENIZER_FILE}: no held-out text to score")
     tokenizer = check_tokenizer(checkpoint.directory / TOKENIZER_FILE, checkpoint.config)
-    return evaluation_windows(tokenizer, min(CONTEXT, checkpoint.config.max_position_embeddings))[:QUALITY_WINDOWS]
+    windows = evaluation_windows(tokenizer, min(CONTEXT, checkpoint.config.max_position_embeddings))
+    return windows[torch.linspace(0, len(windows) - 1, QUALITY_WINDOWS).round().long()]  # spread over the documents
 
 
 def base_path(checkpoint, backend_name: str):
@@ -163,7 +164,7 @@ def test_quality_against_fp32(backend, load_runner, checkpoint, quant, quality_w
     base_runner = load_runner(checkpoint, Strategy(Quant.FP32))
     base = base_logprobs(base_path(checkpoint, backend.name), quality_windows,
                          lambda windows: scored_logprobs(base_runner, windows))
-    runner = load_runner(checkpoint, Strategy(quant))
+    runner = load_runner(checkpoint, Strategy(quant))  # loaded last: the record names the strategy of the last load
     result = divergence(base, scored_logprobs(runner, quality_windows), scored_targets(quality_windows))
     record.params(implementation=runner.implementation, scored_tokens=len(base))
     record(ppl=result.ppl.value, ppl_err=result.ppl.error, base_ppl=result.base_ppl.value,
@@ -181,8 +182,8 @@ def test_quality_against_fp32(backend, load_runner, checkpoint, quant, quality_w
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("phase", ["prefill", "decode"])
 def test_speed_against_fp32(backend, load_runner, checkpoint, quant, phase, batch, record):
-    runner = load_runner(checkpoint, Strategy(quant))
     base = load_runner(checkpoint, Strategy(Quant.FP32))
+    runner = load_runner(checkpoint, Strategy(quant))  # loaded last: the record names the strategy of the last load
     tokens = torch.randint(1, checkpoint.config.vocab_size, (batch, PROMPT_TOKENS + DECODE_TOKENS),
                            generator=torch.Generator().manual_seed(5))
     runner_s, base_s = [], []
