@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 
 from .checkpoint import Checkpoint, ModelConfig
-from .strategies import Strategy
+from .strategies import Quant, Strategy
 
 
 class CacheFullError(RuntimeError):
@@ -92,6 +92,11 @@ class ModelRunner(ABC):
     @property
     def config(self) -> ModelConfig:
         return self.checkpoint.config
+
+    @property
+    def implementation(self) -> str:
+        """What computes this strategy (a library's method, a kernel, dequantize-then-matmul): a table column."""
+        return f"{type(self).__name__} {self.strategy.quant.value}"
 
     @abstractmethod
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
@@ -181,6 +186,15 @@ class Backend(ABC):
     @abstractmethod
     def load(self, checkpoint: Checkpoint, strategy: Strategy) -> ModelRunner:
         """Load `checkpoint` under `strategy`; raise UnsupportedModel naming what cannot be expressed."""
+
+    @classmethod
+    def check_strategy(cls, strategy: Strategy) -> None:
+        """Raise UnsupportedModel in one line naming what the strategy needs and the quantizations offered."""
+        missing = cls.missing(*strategy_capabilities(strategy))
+        if missing:
+            offered = [q.value for q in Quant if f"quant:{q.value}" in cls.capabilities()]
+            raise UnsupportedModel(f"backend {cls.name!r} lacks {', '.join(missing)}; "
+                                   f"its quantization strategies: {', '.join(offered)}")
 
     @classmethod
     def missing(cls, *needed: str) -> list[str]:

@@ -14,7 +14,10 @@ class Quant(StrEnum):
     INT8_DYNAMIC = "int8-dynamic"
     INT4_BLOCK32 = "int4-block32"
     INT4_BLOCK128 = "int4-block128"
-    FP8 = "fp8"
+    FP8 = "fp8"  # e4m3 weights, one fp32 scale per output channel
+    INT8_WEIGHT = "int8-weight"  # int8 weights per output channel, fp32 activations
+    INT4_GPTQ_BLOCK128 = "int4-gptq-block128"  # the int4-block128 format, weights chosen by GPTQ on training text
+    INT8_KV = "int8-kv"  # fp32 weights; keys and values stored int8 (one scale per token and head), fp32 compute
 
 
 class Attention(StrEnum):

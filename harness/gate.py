@@ -20,7 +20,6 @@ import tomllib
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from statistics import median
 
 from scipy.stats import mannwhitneyu
 

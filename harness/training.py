@@ -71,7 +71,7 @@ class Schedule:
         return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-TARGET_SCHEDULE = Schedule(steps=400, batch_size=16, lr=2e-3, warmup=30)
+TARGET_SCHEDULE = Schedule(steps=800, batch_size=16, lr=2e-3, warmup=30)
 DRAFT_SCHEDULE = Schedule(steps=500, batch_size=16, lr=3e-3, warmup=40)
 
 

@@ -3,6 +3,9 @@ import scipy.optimize  # noqa: F401
 import scipy.stats  # noqa: F401  (loaded here, outside pytester's in-process runs: those drop every module first
 # imported inside them, and numpy's C extensions that scipy pulls in cannot be loaded twice in one process)
 
+import backends.torch_ref  # noqa: F401  imported here, before any in-process pytester run: it imports torchao
+# (when installed), which registers torch operator libraries that abort on a second import, and pytester's
+# in-process runs drop every module first imported inside them
 from backends import registry
 
 pytest_plugins = ["pytester"]

@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from backends.torch_ref.backend import TorchBackend
 from harness.__main__ import main as harness_main
 from harness.models import DEFAULT_MODEL
 from harness.records import load_all
@@ -72,11 +73,23 @@ def test_backend_and_strategies_are_parametrized_with_readable_ids(pytester):
             "test_x.py::test_loads[torch-fp16]"} <= collected
 
 
-def test_missing_capability_skips_naming_backend_and_capability(pytester):
+class Fp32OnlyTorch(TorchBackend):
+    """The reference backend declaring no quantization but fp32 (the reference itself offers every one)."""
+
+    name = "torch-fp32-only"
+
+    @classmethod
+    def capabilities(cls) -> frozenset[str]:
+        return frozenset(c for c in TorchBackend.capabilities() if not c.startswith("quant:") or c == "quant:fp32")
+
+
+def test_missing_capability_skips_naming_backend_and_capability(pytester, register_backend):
+    register_backend(Fp32OnlyTorch)
     pytester.makepyfile(test_x=SUITE)
-    result = pytester.runpytest_inprocess("-m", "exactness", "--quant", "int8-dynamic", "-rs")
+    result = pytester.runpytest_inprocess("-m", "exactness", "--backend", Fp32OnlyTorch.name, "--quant",
+                                          "int8-dynamic", "-rs")
     result.assert_outcomes(skipped=1)
-    result.stdout.fnmatch_lines(["*backend torch lacks capability quant:int8-dynamic*"])
+    result.stdout.fnmatch_lines(["*backend torch-fp32-only lacks capability quant:int8-dynamic*"])
 
 
 def test_markers_are_strict_and_select_tiers(pytester):
@@ -88,7 +101,8 @@ def test_markers_are_strict_and_select_tiers(pytester):
 def test_records_are_written_per_run_then_tabulated(pytester):
     pytester.makepyfile(test_x=SUITE)
     results = pytester.path / "published"
-    pytester.runpytest_inprocess("--quant", "fp32", "--quant", "int8-dynamic", "--results-dir", str(results)
+    # int4-block128 cannot express the small model (d_model 64): a skip with its reason
+    pytester.runpytest_inprocess("--quant", "fp32", "--quant", "int4-block128", "--results-dir", str(results)
                                  ).assert_outcomes(passed=2, skipped=1)
     [first_run] = (results / "records").glob("*.jsonl")
     header, *lines = [json.loads(line) for line in first_run.read_text().splitlines()]
@@ -100,8 +114,8 @@ def test_records_are_written_per_run_then_tabulated(pytester):
     assert loads["strategy"] == {"quant": "fp32"} and loads["outcome"] == "passed"
     assert loads["metrics"] == {"vocab": 256.0}
     assert loads["machine"]["cores"] and "torch" in loads["machine"]
-    skipped = by_test["test_x.py::test_loads[torch-int8-dynamic]"]
-    assert skipped["outcome"] == "skipped" and "quant:int8-dynamic" in skipped["reason"]
+    skipped = by_test["test_x.py::test_loads[torch-int4-block128]"]
+    assert skipped["outcome"] == "skipped" and "group size 128 does not divide" in skipped["reason"]
     timed = by_test["test_x.py::test_timed[torch]"]
     assert timed["tier"] == "bench" and timed["metrics"]["median_s"] > 0 and timed["metrics"]["rounds"] >= 1
     assert len(timed["samples"]["time_s"]) == timed["metrics"]["rounds"]

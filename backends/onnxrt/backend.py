@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from backends.base import Backend, ModelRunner, UnsupportedModel, strategy_capabilities
+from backends.base import Backend, ModelRunner, UnsupportedModel
 from backends.checkpoint import POSITIONS, Checkpoint
 from backends.registry import register
 from backends.strategies import Attention, Batching, Quant, Strategy
@@ -45,9 +45,7 @@ class OnnxRuntimeBackend(Backend):
         )
 
     def load(self, checkpoint: Checkpoint, strategy: Strategy) -> ModelRunner:
-        missing = self.missing(*strategy_capabilities(strategy))
-        if missing:
-            raise UnsupportedModel(f"backend {self.name!r} lacks {', '.join(missing)}")
+        self.check_strategy(strategy)
         check_dependencies()
         from .runner import OrtRunner
         from .store import model_file

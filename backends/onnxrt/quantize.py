@@ -18,6 +18,12 @@ from backends.strategies import Quant
 from .backend import QUANTS
 INT4_BLOCKS = {Quant.INT4_BLOCK32: 32, Quant.INT4_BLOCK128: 128}
 INT4_ACCURACY_LEVEL = 4
+IMPLEMENTATION = {
+    Quant.FP32: "onnxruntime fp32",
+    Quant.FP16: "onnxruntime fp16 graph (convert_float_to_float16)",
+    Quant.INT8_DYNAMIC: "onnxruntime quantize_dynamic (QUInt8 per channel)",
+    **{q: f"onnxruntime MatMulNBits (accuracy_level {INT4_ACCURACY_LEVEL})" for q in INT4_BLOCKS},
+}
 
 
 class _DropMessage(logging.Filter):

@@ -138,6 +138,12 @@ class OrtRunner(ModelRunner, PackedStepRunner):
         self.present_names = layer_names(self.config, "present")
         self.cache_dtype = ELEMENT_TYPES[past[self.past_names[0]].type]
 
+    @property
+    def implementation(self) -> str:
+        from .quantize import IMPLEMENTATION
+
+        return IMPLEMENTATION[self.strategy.quant]
+
     def new_cache(self, batch_size: int, capacity: int) -> OrtKVCache:
         cfg = self.config
         shape = (batch_size, cfg.n_kv_heads, capacity, cfg.head_dim)

@@ -1,16 +1,17 @@
-"""The reference backend: the PyTorch model of model.py, in fp32, bf16 or fp16, on CUDA where present."""
+"""The reference backend: the PyTorch model of model.py, in fp32, bf16 or fp16 or a quantized format
+(quantize.py), on CUDA where present."""
 from __future__ import annotations
 
 import torch
 
-from backends.base import (Backend, KVCache, ModelRunner, PackedStepRunner, PagedKVCache, PagedRunner, UnsupportedModel,
-                           strategy_capabilities)
+from backends.base import Backend, KVCache, ModelRunner, PackedStepRunner, PagedKVCache, PagedRunner
 from backends.checkpoint import Checkpoint, check_weights
 from backends.registry import register
 from backends.strategies import Attention, Batching, Quant, Strategy
 
 from .attention import IMPLEMENTATIONS, AttentionFn
 from .model import Transformer, TorchKVCache, TorchPagedKVCache, full_sequence_context
+from .quantize import IMPLEMENTATION, QUANTS, Int8KVCache, int8_round_trip, quantize_model, quantized_linears
 
 DTYPES = {Quant.FP32: torch.float32, Quant.BF16: torch.bfloat16, Quant.FP16: torch.float16}
 
@@ -31,11 +32,23 @@ class TorchRunner(ModelRunner, PackedStepRunner, PagedRunner):
     def __init__(self, checkpoint: Checkpoint, strategy: Strategy, device: torch.device):
         super().__init__(checkpoint, strategy)
         self.device = device
-        self.dtype = DTYPES[strategy.quant]
+        self.dtype = DTYPES.get(strategy.quant, torch.float32)  # quantized formats compute in fp32
         self.model = build_model(checkpoint, strategy.attention).to(device, self.dtype)
+        quantize_model(self.model, strategy.quant, checkpoint)
+        self.kv_int8 = strategy.quant == Quant.INT8_KV
 
     def new_cache(self, batch_size: int, capacity: int) -> TorchKVCache:
+        if self.kv_int8:
+            return Int8KVCache(self.config, batch_size, capacity, self.device)
         return TorchKVCache(self.config, batch_size, capacity, self.dtype, self.device)
+
+    @property
+    def implementation(self) -> str:
+        return IMPLEMENTATION.get(self.strategy.quant, f"torch {self.dtype}".replace("torch.", ""))
+
+    def quantized_linears(self):
+        """Capability 'quantized-linears': each quantized layer with the format it stores (quantize.LinearView)."""
+        return quantized_linears(self.model)
 
     def _inputs(self, tokens, positions, token_mask):
         tokens, positions = tokens.to(self.device), positions.to(self.device)
@@ -70,7 +83,9 @@ class TorchRunner(ModelRunner, PackedStepRunner, PagedRunner):
     @torch.inference_mode()
     def forward_full(self, tokens, positions, token_mask=None):
         tokens, positions, mask = self._inputs(tokens, positions, token_mask)
-        return self.model(tokens, full_sequence_context(positions, mask)).float()
+        context = full_sequence_context(positions, mask)
+        context.kv_round_trip = int8_round_trip if self.kv_int8 else None
+        return self.model(tokens, context).float()
 
 
 @register
@@ -81,11 +96,12 @@ class TorchBackend(Backend):
     @classmethod
     def capabilities(cls) -> frozenset[str]:
         return frozenset(
-            [f"quant:{q.value}" for q in DTYPES]
+            [f"quant:{q.value}" for q in (*DTYPES, *QUANTS)]
             + [f"attention:{a.value}" for a in IMPLEMENTATIONS]
             + [f"position:{p}" for p in ("rope", "alibi", "learned", "sinusoidal")]
             + [f"batching:{b.value}" for b in Batching]
-            + ["kv-cache", "ragged-batch", "cache-rollback", "attention-kernels"]
+            + ["kv-cache", "ragged-batch", "cache-rollback", "attention-kernels", "quantized-linears",
+               "quantized-kv"]
         )
 
     def attention_kernels(self) -> dict[Attention, AttentionFn]:
@@ -94,7 +110,5 @@ class TorchBackend(Backend):
         return dict(IMPLEMENTATIONS)
 
     def load(self, checkpoint: Checkpoint, strategy: Strategy) -> TorchRunner:
-        missing = self.missing(*strategy_capabilities(strategy))
-        if missing:
-            raise UnsupportedModel(f"backend {self.name!r} lacks {', '.join(missing)}")
+        self.check_strategy(strategy)
         return self.runner_class(checkpoint, strategy, default_device())

@@ -130,11 +130,12 @@ class AttentionContext:
     key_positions: torch.Tensor  # (B, S)
     cache: TorchKVCache | None = None
     slots: torch.Tensor | None = None  # (B, T) cache slots of the new tokens
+    kv_round_trip: Callable[[torch.Tensor], torch.Tensor] | None = None  # no cache: what a quantized cache stores
 
     def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new (B, Hkv, T, D) keys/values and return every key/value the queries may read."""
         if self.cache is None:
-            return k, v
+            return (k, v) if self.kv_round_trip is None else (self.kv_round_trip(k), self.kv_round_trip(v))
         return self.cache.store(layer, self.slots, k, v, self.allowed.shape[-1])
 
     def attend(self, kernel, layer: int, q, k, v, slopes: torch.Tensor | None, scale: float,

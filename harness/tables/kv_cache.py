@@ -1,7 +1,6 @@
 """KV-cache tables: cache vs recompute timing with growth exponents and a plot; the figures behind the checks."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pandas as pd
