@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from backends.base import KVCache, ModelRunner
 from backends.checkpoint import Checkpoint
+from backends.quant.formats import Int4Blocks, uint8_affine
 from backends.strategies import Attention, Quant, Strategy
 from backends.torch_ref.backend import build_model
 from backends.torch_ref.model import TorchKVCache, full_sequence_context
@@ -28,29 +29,11 @@ SIMULATED = (Quant.INT8_DYNAMIC, *INT4_BLOCKS)
 
 
 def int4_block_dequantized(weight: torch.Tensor, block: int) -> torch.Tensor:
-    """(out, in) weight -> its symmetric int4 block-quantized value, blocks of `block` along the input dimension."""
-    out_features, in_features = weight.shape
-    padded = -in_features % block  # MatMulNBits pads the input dimension with zeros to whole blocks
-    blocks = torch.nn.functional.pad(weight.float(), (0, padded)).view(out_features, -1, block)
-    largest = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))  # signed value of the largest magnitude
-    scale = largest / -8  # float32, as stored
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = (torch.round(blocks / safe) + 8).clamp(0, 15)
-    return ((q - 8).double() * scale.double()).view(out_features, -1)[:, :in_features]
-
-
-def uint8_affine(x: torch.Tensor, dim: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q, scale, zero_point) of ONNX's uint8 affine quantization; per tensor (dim None) or along `dim`'s rows.
-    The range always includes 0, so 0 is exact."""
-    if dim is None:
-        low, high = x.min().clamp(max=0), x.max().clamp(min=0)
-    else:
-        low, high = x.amin(dim, keepdim=True).clamp(max=0), x.amax(dim, keepdim=True).clamp(min=0)
-    scale = ((high - low) / 255).float().double()  # ONNX Runtime keeps scales in float32
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    zero_point = torch.round(-low / safe).clamp(0, 255)
-    q = (torch.round(x / safe) + zero_point).clamp(0, 255)
-    return q, scale, zero_point
+    """(out, in) weight -> its int4 block-quantized value (backends/quant/formats.py's MatMulNBits format), blocks
+    of `block` along the input dimension; like MatMulNBits, a short last block is padded with zeros."""
+    in_features = weight.shape[1]
+    padded = torch.nn.functional.pad(weight, (0, -in_features % block))
+    return Int4Blocks.quantize(padded, block).dequantize()[:, :in_features]
 
 
 class SimulatedLinear(nn.Module):

@@ -12,6 +12,8 @@ the stored bits stand for, in float64: the oracle every kernel is judged against
   absmax / 127 along the quantized axis, codes round(x / scale) in -127..127.
 - fp8 e4m3 per channel: scale = absmax / 448 (e4m3's largest finite value) per output channel; the weight
   divided by its scale is stored as float8_e4m3fn.
+- uint8 affine (ONNX Runtime's QUInt8, onnxrt's int8-dynamic weights per output channel and its activations per
+  tensor): scale = (max(0, x) - min(0, x)) / 255 in float32, zero point round(-min / scale), codes 0..255.
 """
 from __future__ import annotations
 
@@ -135,3 +137,20 @@ class Fp8Channels:
     @property
     def nbytes(self) -> int:
         return self.values.numel() * self.values.element_size() + self.scales.numel() * self.scales.element_size()
+
+
+# --- uint8 affine (ONNX Runtime's QUInt8) ----------------------------------------------------------
+
+
+def uint8_affine(x: torch.Tensor, dim: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, scale, zero_point) of ONNX's uint8 affine quantization; per tensor (dim None) or along `dim`'s rows.
+    The range always includes 0, so 0 is exact."""
+    if dim is None:
+        low, high = x.min().clamp(max=0), x.max().clamp(min=0)
+    else:
+        low, high = x.amin(dim, keepdim=True).clamp(max=0), x.amax(dim, keepdim=True).clamp(min=0)
+    scale = ((high - low) / 255).float().double()  # ONNX Runtime keeps scales in float32
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zero_point = torch.round(-low / safe).clamp(0, 255)
+    q = (torch.round(x / safe) + zero_point).clamp(0, 255)
+    return q, scale, zero_point
