@@ -213,14 +213,18 @@ def prefill_then_decode(runner, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def plain_runner(backend, checkpoint, quant: Quant):
-    """attention=naive in the same strategy: on this backend, else on the reference backend, else (a format the
-    reference backend lacks, such as int8 or int4) that format simulated exactly in fp64 (harness/references.py)."""
-    for plain_backend in (backend, get_backend("torch")()):
-        if not plain_backend.missing("attention:naive", f"quant:{quant.value}"):
-            return plain_backend.load(checkpoint, Strategy(quant, Attention.NAIVE))
+    """attention=naive in the same strategy on this backend; else the format simulated exactly in fp64
+    (harness/references.py: onnxrt's int8/int4 formats); else the reference backend in the same precision (fp16,
+    bf16). Not torch's int8/int4 for another backend: the same name there is another kernel or format."""
+    if not backend.missing("attention:naive", f"quant:{quant.value}"):
+        return backend.load(checkpoint, Strategy(quant, Attention.NAIVE))
     if quant in SIMULATED:
         return float64_reference(checkpoint, quant)
-    pytest.skip(f"no plain path for quant:{quant.value}: neither {backend.name} nor torch has it with attention:naive")
+    reference = get_backend("torch")()
+    if quant in (Quant.FP32, Quant.BF16, Quant.FP16) and not reference.missing("attention:naive", f"quant:{quant.value}"):
+        return reference.load(checkpoint, Strategy(quant, Attention.NAIVE))
+    pytest.skip(f"no plain path for quant:{quant.value}: {backend.name} lacks attention:naive and the format is not "
+                "simulated")
 
 
 @pytest.mark.exactness

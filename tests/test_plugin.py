@@ -165,7 +165,8 @@ def test_bad_results_dir_model_or_shard_is_a_usage_error_before_the_run(pytester
 def test_shards_split_the_tests_and_their_runs_merge(pytester):
     pytester.makepyfile(test_x=SUITE)
     results = pytester.path / "merged"
-    outcomes = [pytester.runpytest_inprocess("-m", "exactness", "--shard", f"{i}/2", "--results-dir", str(results))
+    quants = ["--quant", "fp32", "--quant", "bf16", "--quant", "fp16"]
+    outcomes = [pytester.runpytest_inprocess("-m", "exactness", "--shard", f"{i}/2", "--results-dir", str(results), *quants)
                 .parseoutcomes() for i in (1, 2)]
     assert sum(o.get("passed", 0) for o in outcomes) == 3 and all(o.get("deselected") for o in outcomes)
     assert len(load_all(results / "records")) == 3
@@ -174,7 +175,8 @@ def test_shards_split_the_tests_and_their_runs_merge(pytester):
 def test_each_xdist_worker_keeps_every_record(pytester):
     pytester.makepyfile(test_x=SUITE)
     results = pytester.path / "parallel"
-    result = pytester.runpytest_subprocess("-n", "2", "--results-dir", str(results), "-rs")
+    result = pytester.runpytest_subprocess("-n", "2", "--results-dir", str(results), "-rs",
+                                           "--quant", "fp32", "--quant", "bf16", "--quant", "fp16")
     result.assert_outcomes(passed=3, skipped=1)
     result.stdout.fnmatch_lines(["*bench tests do not run under pytest-xdist*"])
     records = load_all(results / "records")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from backends import rejection_sampler, speculative
+from backends.algorithms import rejection_sampler, speculative
 
 from .planted_faults import PLANTED
 
