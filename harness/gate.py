@@ -51,6 +51,10 @@ DEFAULT_RULES: dict[str, Rule] = {
     "tokens_per_target_call": Rule("quality", "higher", 0.05, absolute=True),
     "ppl": Rule("quality", "lower", 0.01),
     "same_top1": Rule("quality", "higher", 0.005, absolute=True),
+    "ratio_to_fp32": Rule("speed", "higher", 0.10),  # a quantization strategy over its backend's fp32
+    "mean_kld": Rule("quality", "lower", 0.10),
+    "delta_ppl": Rule("quality", "lower", 0.05, absolute=True),
+    "shared_prefix_skipped_pct": Rule("quality", "higher", 1.0, absolute=True),
 }
 INFO_METRICS = {
     "baseline_tokens_per_s", "c", "predicted_speedup", "predicted_with_verify_cost", "verify_cost", "tokens_per_s",
@@ -58,8 +62,14 @@ INFO_METRICS = {
     "draws", "proposals_checked", "identical_rows", "first_mismatch", "element_bytes", "kv_bytes_per_token",
     "min_pvalue", "pvalue_plain", "pvalue_speculative", "ratio", "error_ratio", "optimized_error", "plain_error",
     "cached_error", "recompute_error", "max_abs_logit_error", "prefill_max_abs_error", "decode_max_abs_error",
+    # quantization: figures beside the gated mean KLD and ΔPPL
+    "base_ppl", "delta_ppl_err", "mean_kld_err", "kld_p99", "kld_max", "rms_delta_p", "rms_delta_p_err",
+    "base_tokens_per_s", "layers", "max_error_in_steps", "bits_per_weight", "tries", "max_abs_logit",
+    # serving: absolute rates and counts depend on the machine and the arrival timing
+    "requests", "output_tokens", "request_throughput", "output_throughput", "output_throughput_uncached",
+    "kv_waste_pct", "preemptions", "max_running", "steps", "prefix_tokens_skipped", "ttft_cut_pct",
 }
-INFO_SUFFIXES = ("_s", "_bytes", "_mb", "_error", "_ratio", "_pvalue")
+INFO_SUFFIXES = ("_s", "_ms", "_bytes", "_mb", "_error", "_ratio", "_pvalue", "_err")
 
 
 def rule_for(name: str, rules: dict[str, Rule]) -> Rule | None:

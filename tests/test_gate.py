@@ -10,7 +10,7 @@ import pytest
 from backends import registry
 from backends.torch_ref.backend import TorchRunner
 from harness.__main__ import main as harness_main
-from harness.gate import DEFAULT_RULES, GateConfig, Rule, compare
+from harness.gate import DEFAULT_RULES, GateConfig, Rule, compare, rule_for
 from harness.records import Record, dumps, load_all
 
 from .planted_faults import RopeOffByOneRunner, planted
@@ -171,3 +171,10 @@ def test_update_baseline_makes_the_run_the_baseline(tmp_path, capsys):
     assert gate(run, "--baseline", baseline) == 0
     assert [r.outcome for r in load_all(tmp_path) if r.test == "a"] == ["failed"]
     json.loads(baseline.read_text().splitlines()[0])["run"]
+
+
+def test_every_metric_the_published_records_hold_has_a_gate_rule():
+    published = load_all(Path(__file__).resolve().parents[1] / "results" / "records")
+    names = {name for record in published for name in record.metrics}
+    assert names, "no published records"
+    assert sorted(name for name in names if rule_for(name, DEFAULT_RULES) is None) == []
