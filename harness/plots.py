@@ -26,6 +26,15 @@ def figure(path: Path, ncols: int = 1, figsize: tuple[float, float] = (6.0, 4.0)
         plt.close(fig)
 
 
+def label(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """The published plots' common dress: axis labels, a small title, a light grid, a small legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def growth_exponent(n, values) -> float:
     """c of the least-squares fit value = a + b * N^c (b >= 0, c in [0, 3], residuals relative to the value),
     by scipy's curve_fit: the growth without the fixed part, which a absorbs. NaN with fewer than 3 sizes."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.plots import figure
+from harness.plots import figure, label
 from harness.report import Table, table
 
 ORDER = ["sequential", "static", "continuous", "paged", "paged-prefix"]
@@ -46,11 +46,7 @@ def _plot(rows: pd.DataFrame, title: str, path: Path) -> None:
     with figure(path, figsize=(6.5, 4)) as (_, ax):
         for index, (batching, group) in enumerate(by_strategy(rows).groupby("batching", sort=False)):
             ax.plot(group["output tok/s"], group["E2EL mean"], marker="o", color=f"C{index}", label=batching)
-        ax.set_xlabel("output tokens/s")
-        ax.set_ylabel("mean end-to-end latency (ms)")
-        ax.set_title(title, fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        label(ax, "output tokens/s", "mean end-to-end latency (ms)", title)
 
 
 @table("batching")

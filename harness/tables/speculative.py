@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.plots import figure
+from harness.plots import figure, label
 from harness.report import Table, table
 
 SPEEDUP_COLUMNS = {
@@ -33,11 +33,7 @@ def _plot(rows: pd.DataFrame, title: str, path: Path) -> None:
             ax.plot(group["k"], group["predicted with v"], linestyle=":", color=color,
                     label=f"{draft} (predicted with v)")
         ax.axhline(1.0, color="grey", linewidth=0.8)
-        ax.set_xlabel("draft tokens per round k")
-        ax.set_ylabel("speedup over the target alone")
-        ax.set_title(title, fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        label(ax, "draft tokens per round k", "speedup over the target alone", title)
 
 
 @table("speculative")
