@@ -67,7 +67,8 @@ INFO_METRICS = {
     "base_tokens_per_s", "layers", "max_error_in_steps", "bits_per_weight", "tries", "max_abs_logit",
     # serving: absolute rates and counts depend on the machine and the arrival timing
     "requests", "output_tokens", "request_throughput", "output_throughput", "output_throughput_uncached",
-    "kv_waste_pct", "preemptions", "max_running", "steps", "prefix_tokens_skipped", "ttft_cut_pct",
+    "kv_waste_pct", "preemptions", "max_running", "steps", "mixed_steps", "prefix_tokens_skipped", "ttft_cut_pct",
+    "ttft_mean_ms_uncached",
 }
 INFO_SUFFIXES = ("_s", "_ms", "_bytes", "_mb", "_error", "_ratio", "_pvalue", "_err")
 
