@@ -8,7 +8,7 @@ import pandas as pd
 from harness.report import Table, table
 
 COLUMNS = {
-    "model": "model",
+    "param.model": "model",  # the model under test (the record's own model is the last one the test loaded)
     "metric.parameters": "parameters",
     "metric.weights_bytes": "weights",
     "metric.train_wall_s": "training wall (s)",
@@ -26,10 +26,10 @@ def heldout_quality(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
     if not len(measured):
         return []
     # one table when every backend measured the same figures (fp32 on the same weights), one per backend otherwise
-    figures = {backend: group.reindex(columns=list(COLUMNS)).sort_values("model").round(4).to_numpy().tolist()
+    figures = {backend: group.reindex(columns=list(COLUMNS)).sort_values("param.model").round(4).to_numpy().tolist()
                for backend, group in measured.groupby("backend")}
     same = len({repr(f) for f in figures.values()}) == 1
-    groups = [(", ".join(sorted(figures)), measured.drop_duplicates("model"))] if same \
+    groups = [(", ".join(sorted(figures)), measured.drop_duplicates("param.model"))] if same \
         else list(measured.groupby("backend"))
     tables = []
     for backends, group in groups:
