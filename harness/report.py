@@ -338,7 +338,8 @@ def outcome_details(checks: pd.DataFrame, suite: str) -> list[Table]:
     for signature, group in checks.groupby("signature", sort=True):
         group = group.copy()
         keys = [c for c in signature if group[c].nunique() > 1]
-        constant = [f"{c.removeprefix('param.')} {group[c].iloc[0]}" for c in signature if group[c].nunique() == 1]
+        constant = [f"{c.removeprefix('param.')} {group[c].iloc[0]}" for c in signature
+                    if group[c].nunique(dropna=False) == 1 and not is_missing(group[c].iloc[0])]
         if "model" in keys and _determined(group, "model", [k for k in keys if k != "model"]):
             keys.remove("model")  # each small model is named by its position and kind, already columns
         functions = sorted(group["function"].unique())
