@@ -8,6 +8,7 @@ own file as its test finishes (harness/records.py); plain `pytest` writes under 
 """
 from __future__ import annotations
 
+import os
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,6 +27,7 @@ from .records import Record, RunWriter, check_writable_dir, current_commit, mach
 
 DEFAULT_BACKENDS = ["torch"]
 SCRATCH_RESULTS_DIR = ".exactbench/results"  # under the rootdir, gitignored: plain runs never touch results/
+RESULTS_DIR_ENV = "EXACTBENCH_RESULTS_DIR"  # overrides the scratch directory (the harness's tests point inner runs away)
 STRATEGY_FIXTURES = ("quant", "attention")
 PARAMETRIZED_FIXTURES = (*STRATEGY_FIXTURES, "batching")  # batching is recorded as a parameter
 STRATEGY_KINDS = {"quant": Quant, "attention": Attention, "batching": Batching}
@@ -113,7 +115,8 @@ def open_run(config: pytest.Config, options: dict[str, object]) -> RunWriter:
     given = config.getoption("results_dir")
     if given is not None and not given.strip():
         raise ValueError("--results-dir is empty: name a directory")
-    results_dir = Path(given) if given is not None else config.rootpath / SCRATCH_RESULTS_DIR
+    scratch = os.environ.get(RESULTS_DIR_ENV) or config.rootpath / SCRATCH_RESULTS_DIR
+    results_dir = Path(given) if given is not None else Path(scratch)
     records_dir = results_dir / "records"
     try:
         check_writable_dir(records_dir)

@@ -31,3 +31,10 @@ def _inner_runs_are_not_xdist_workers(monkeypatch):
     """Under `pytest -n`, pytester's inner runs inherit PYTEST_XDIST_WORKER, and pytest-benchmark then disables
     itself in them; an inner run is a session of its own."""
     monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _inner_runs_record_apart(monkeypatch, tmp_path_factory):
+    """Runs that a test starts (pytester, subprocesses) write their records to a scratch directory of the test's
+    own, never into the outer run's (whose planted faults would read as failures of the suites)."""
+    monkeypatch.setenv("EXACTBENCH_RESULTS_DIR", str(tmp_path_factory.mktemp("inner-results")))

@@ -133,7 +133,8 @@ def test_records_are_written_per_run_then_tabulated(pytester):
     assert "pass" in table and "n/a" in table
 
 
-def test_plain_pytest_never_writes_into_results(pytester):
+def test_plain_pytest_never_writes_into_results(pytester, monkeypatch):
+    monkeypatch.delenv("EXACTBENCH_RESULTS_DIR")  # the default scratch directory, under the rootdir
     pytester.makepyfile(test_x=SUITE)
     (pytester.path / "results").mkdir()
     pytester.runpytest_inprocess("--quant", "fp32", "-m", "exactness").assert_outcomes(passed=1)
