@@ -19,6 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from backends.cache import cache_root
 from backends.checkpoint import TOKENIZER_FILE, check_tokenizer
 from backends.quant.formats import Fp8Channels, Int4Blocks, Int8Channels
 from backends.registry import get_backend
@@ -154,7 +155,6 @@ def quality_windows(checkpoint) -> torch.Tensor:
 
 
 def base_path(checkpoint, backend_name: str):
-    from backends.onnxrt.store import cache_root
 
     return cache_root() / "quality-base" / f"{checkpoint.fingerprint()}-{backend_name}-fp32.npz"
 

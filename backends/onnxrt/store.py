@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -25,22 +24,18 @@ import onnx
 import onnxruntime
 import torch
 
+from backends.cache import cache_root
 from backends.checkpoint import Checkpoint
 from backends.strategies import Quant
 
 from .graph import CONFIG_METADATA, export_decoder, stamp
 from .quantize import derive
 
-ENV_VAR = "EXACTBENCH_CACHE"
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 TMP_PREFIX = ".tmp-"
 STALE_TMP_SECONDS = 3600
 FORMAT_VERSION = "1"  # bump whenever graph.py's contract or export changes what a file holds
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get(ENV_VAR) or Path.home() / ".cache" / "exactbench")
 
 
 @dataclass(frozen=True)

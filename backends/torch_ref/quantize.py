@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from backends.cache import cache_root
 from backends.base import UnsupportedModel
 from backends.checkpoint import TOKENIZER_FILE, Checkpoint, ModelConfig, check_tokenizer
 from backends.quant.formats import INT4_ZERO_POINT, Fp8Channels, Int4Blocks, Int8Channels, int4_block_scales, unpack_nibbles
@@ -259,7 +260,6 @@ def gptq_model(model: nn.Module, checkpoint: Checkpoint, block: int) -> dict[str
     under a temporary name and renamed once complete, so an interrupted run leaves nothing a later one reads."""
     from safetensors.torch import load_file, save_file
 
-    from backends.onnxrt.store import cache_root  # the one cache directory ($EXACTBENCH_CACHE)
 
     path = cache_root() / "gptq" / f"{checkpoint.fingerprint()}-block{block}-v{GPTQ_CACHE_VERSION}.safetensors"
     names = [layer_name(model, linear) for _, _, linear in linears(model)]
