@@ -136,11 +136,7 @@ def flash_speed(frame: pd.DataFrame) -> tuple[str, str]:
     speedup = (times["naive"] / times["flash"]).dropna()
     text = ", ".join(f"{format_ratio(s)} at N={int(n)}" for n, s in speedup.items())
     text = f"flash (torch kernel) vs naive, batch {int(bench['param.batch'].min())}: {text}"
-    slow = speedup.index[speedup < 2]
-    if not len(slow):
-        return text, HOLDS
-    above = speedup.index[speedup.index > slow.max()]
-    return text, f"holds only for N ≥ {int(above.min())}" if len(above) else NOT_HERE
+    return text, verdict({f"N={int(n)}": s >= 2 for n, s in speedup.items()})
 
 
 def distillation(frame: pd.DataFrame) -> tuple[str, str]:
