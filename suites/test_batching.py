@@ -28,7 +28,7 @@ from backends.algorithms.generation import Generation, Sampling, generate
 from backends.algorithms.serving import Request, ServingConfig, serve
 from backends.algorithms.serving.engine import WallClock, paged_memory
 from backends.strategies import Batching, Strategy
-from harness.latency import serving_metrics
+from harness.latency import serving_metrics, slo_label
 from harness.plugin import require
 from harness.workloads import PROFILES, make_requests, system_prompt
 
@@ -304,25 +304,27 @@ def warm_up(runner, config: ServingConfig) -> None:
     serve(runner, [Request(0, (1, 2, 3), 2), Request(1, (4, 5), 2)], config)
 
 
-def serving_record(result) -> dict[str, float]:
+def serving_record(result, slo: dict[str, float] | None = None) -> dict[str, float]:
     stats = result.stats
-    return {**serving_metrics(result.completions), "kv_waste_pct": 100 * stats.kv_waste,
+    return {**serving_metrics(result.completions, slo), "kv_waste_pct": 100 * stats.kv_waste,
             "preemptions": stats.preemptions, "max_running": stats.max_running, "steps": stats.steps}
 
 
 @pytest.mark.bench
 @pytest.mark.parametrize("rate", BENCH_RATES)
 @pytest.mark.parametrize("profile", ["fixed", "heavy-tailed"])
-def test_serving(backend, load_runner, checkpoint, batching, profile, rate, record):
-    """BENCH_REQUESTS requests of `profile` arriving by a Poisson process at `rate`, served under the same KV
-    budget by each strategy: throughput, TTFT, TPOT, ITL, E2EL, KV waste."""
+def test_serving(backend, load_runner, checkpoint, batching, profile, rate, burstiness, slo, record):
+    """BENCH_REQUESTS requests of `profile` arriving by a gamma process (--burstiness; 1: Poisson) at `rate`,
+    served under the same KV budget by each strategy: throughput, goodput under --slo, TTFT, TPOT, ITL, E2EL,
+    KV waste."""
     runner = load(backend, load_runner, checkpoint, batching)
     config = bench_config(batching, checkpoint)
     warm_up(runner, config)
-    requests = make_requests(checkpoint, PROFILES[profile], BENCH_REQUESTS, rate=rate, seed=7)
+    requests = make_requests(checkpoint, PROFILES[profile], BENCH_REQUESTS, rate=rate, burstiness=burstiness, seed=7)
     result = serve(runner, requests, config, clock=WallClock())
-    record.params(kv_tokens=config.kv_tokens, max_batch=config.max_batch, requests=BENCH_REQUESTS)
-    record(**serving_record(result))
+    record.params(kv_tokens=config.kv_tokens, max_batch=config.max_batch, requests=BENCH_REQUESTS,
+                  burstiness=burstiness, slo=slo_label(slo))
+    record(**serving_record(result, slo))
 
 
 @pytest.mark.bench
@@ -341,13 +343,14 @@ def test_concurrency_at_a_fixed_kv_budget(backend, load_runner, checkpoint, batc
 
 @pytest.mark.bench
 @pytest.mark.parametrize("sharing", SHARING)
-def test_prefix_sharing(backend, load_runner, checkpoint, sharing, record):
+def test_prefix_sharing(backend, load_runner, checkpoint, sharing, burstiness, record):
     """A system prompt shared by a fraction of the requests: prefill tokens the prefix cache skips, and mean TTFT
     with and without it, measured side by side."""
     require(backend, f"batching:{Batching.PAGED_PREFIX.value}")
     runner = load_runner(checkpoint, Strategy())
     profile = PROFILES["shared-prefix"]
-    requests = make_requests(checkpoint, profile, BENCH_REQUESTS, rate=SHARING_RATE, sharing=sharing, seed=9)
+    requests = make_requests(checkpoint, profile, BENCH_REQUESTS, rate=SHARING_RATE, burstiness=burstiness,
+                             sharing=sharing, seed=9)
     runs = {}
     for batching in (Batching.PAGED, Batching.PAGED_PREFIX):
         config = bench_config(batching, checkpoint)
@@ -358,7 +361,7 @@ def test_prefix_sharing(backend, load_runner, checkpoint, sharing, record):
     sharers = [c for c in runs[Batching.PAGED_PREFIX].completions if c.request.prompt[:len(prefix)] == prefix]
     skipped = sum(c.cached_tokens[0] for c in runs[Batching.PAGED_PREFIX].completions)
     skipped_of_prefix = sum(min(c.cached_tokens[0], len(prefix)) for c in sharers)
-    record.params(rate=SHARING_RATE, shared_prefix=profile.shared_prefix)
+    record.params(rate=SHARING_RATE, shared_prefix=profile.shared_prefix, burstiness=burstiness)
     record(prefix_tokens_skipped=skipped,
            shared_prefix_skipped_pct=100 * skipped_of_prefix / (len(sharers) * len(prefix)) if sharers else 0.0,
            ttft_mean_ms=with_cache["ttft_mean_ms"], ttft_mean_ms_uncached=without["ttft_mean_ms"],
