@@ -4,7 +4,7 @@ The reference for each request is `backends.algorithms.generation.generate` on t
 plain cached decode the KV-cache suite checks). Every strategy the backend declares (`--batching`) serves the
 same requests and must give, per request, the same greedy tokens and logits within `logit_bound`:
 
-- workloads of seeded random arrivals, batch limits 1..16, prompts of 1..200 tokens and outputs of 1..48;
+- workloads of seeded random arrivals, batch limits 1..16, prompts of 1..200 tokens and outputs of 1..200;
   a request arriving while another is in prefill; a prompt longer than the step's token budget (chunked
   prefill); preemption under a small block pool. Each workload asserts it exercised what it is for.
 - paged: the paged step equals the contiguous one on random permuted block tables, lengths not divisible by
@@ -79,6 +79,9 @@ WORKLOADS = {
     # a 200-token prompt (over the 48-token step budget: chunked) in prefill when a short one arrives
     "arrives-during-prefill": Workload(((200, 8, 0), (5, 24, 1), (30, 16, 6)), max_batch=4, step_tokens=48,
                                        paged_kv_tokens=2048, seed=3),
+    # a 200-token output (most of the model's 256 positions) beside shorter requests that join and retire under it
+    "long-output": Workload(((6, 200, 0), (50, 24, 3), (24, 40, 10)), max_batch=3, step_tokens=64,
+                            paged_kv_tokens=1024, seed=5),
     # a pool of 12 blocks for requests of up to 8 blocks each: paged strategies must preempt and recompute
     "small-pool": Workload(((90, 40, 0), (70, 48, 0), (100, 20, 1), (40, 30, 2)), max_batch=4, step_tokens=128,
                            paged_kv_tokens=12 * BLOCK_SIZE, seed=4),
