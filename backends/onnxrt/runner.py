@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from backends.base import CacheFullError, KVCache, ModelRunner, PackedStepRunner
+from backends.base import CacheFullError, KVCache, ModelRunner, PackedStepRunner, PagedKVCache, PagedRunner
 from backends.checkpoint import Checkpoint, ModelConfig
 from backends.strategies import Strategy
 
@@ -125,8 +125,9 @@ def row_runs(counts: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-class OrtRunner(ModelRunner, PackedStepRunner):
-    """One ONNX model file (a strategy of one checkpoint) in an onnxruntime session."""
+class OrtRunner(ModelRunner, PackedStepRunner, PagedRunner):
+    """One ONNX model file (a strategy of one checkpoint) in an onnxruntime session; the paged graph's session
+    (paged.py) is opened on the first paged cache."""
 
     def __init__(self, checkpoint: Checkpoint, strategy: Strategy, path: Path):
         super().__init__(checkpoint, strategy)
@@ -137,6 +138,7 @@ class OrtRunner(ModelRunner, PackedStepRunner):
         self.past_names = layer_names(self.config, "past_key_values")
         self.present_names = layer_names(self.config, "present")
         self.cache_dtype = ELEMENT_TYPES[past[self.past_names[0]].type]
+        self.paged = None
 
     @property
     def implementation(self) -> str:
@@ -188,6 +190,29 @@ class OrtRunner(ModelRunner, PackedStepRunner):
                                        torch.ones(shape, dtype=torch.bool)).flatten(0, 1)
             start += n_rows * count
         return logits
+
+    def paged_session(self):
+        """The session of the paged graph (paged.py), opened on first use."""
+        from .paged import PagedSession
+        from .store import model_file
+
+        if self.paged is None:
+            self.paged = PagedSession(self.checkpoint, self.strategy,
+                                      model_file(self.checkpoint, self.strategy.quant, graph="paged").path)
+        return self.paged
+
+    def new_paged_cache(self, n_blocks: int, block_size: int, fill: float = 0.0) -> PagedKVCache:
+        return self.paged_cache_class(self.paged_session(), n_blocks, block_size, fill)
+
+    @property
+    def paged_cache_class(self):
+        from .paged import OrtPagedKVCache
+
+        return OrtPagedKVCache
+
+    def forward_paged(self, cache, tokens, positions, seqs, block_tables, context_lens):
+        self._check_vocabulary(tokens.cpu())
+        return self.paged_session().run(cache, tokens, positions, seqs, block_tables, context_lens)
 
     def _check_cache(self, cache) -> None:
         if not isinstance(cache, OrtKVCache) or cache.owner is not self:
