@@ -8,8 +8,6 @@ slot holds, as backends/torch_ref/model.TorchPagedKVCache does.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnxruntime as ort
 import torch
@@ -18,8 +16,9 @@ from backends.base import PagedKVCache
 from backends.checkpoint import Checkpoint
 from backends.strategies import Strategy
 
+from .graph import layer_names
 from .paged_graph import input_names, output_names
-from .runner import ELEMENT_TYPES, OnnxModelError, execution_providers
+from .runner import ELEMENT_TYPES, open_variant, run_in_place
 
 
 class OrtPagedKVCache(PagedKVCache):
@@ -54,18 +53,12 @@ class OrtPagedKVCache(PagedKVCache):
 class PagedSession:
     """An onnxruntime session of the paged graph of one checkpoint under one strategy."""
 
-    def __init__(self, checkpoint: Checkpoint, strategy: Strategy, path: Path):
+    def __init__(self, checkpoint: Checkpoint, strategy: Strategy):
         self.config = checkpoint.config
-        try:
-            self.session = ort.InferenceSession(str(path), providers=execution_providers())
-        except Exception as error:  # onnxruntime's pybind errors share no base
-            raise OnnxModelError(f"{path}: not a loadable ONNX model ({str(error).strip()[:200]})") from None
-        names = [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()]
-        if names != (input_names(self.config), output_names(self.config)):
-            raise OnnxModelError(f"{path}: not an exactbench paged decoder step for this model (inputs {names[0][:6]})")
+        self.session = open_variant(checkpoint, strategy, "paged", input_names(self.config), output_names(self.config))
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
-        self.pool_names = [n for n in input_names(self.config) if n.startswith("pool.")]
-        self.present_names = [n for n in output_names(self.config) if n.startswith("present_pool.")]
+        self.pool_names = layer_names(self.config, "pool")
+        self.present_names = layer_names(self.config, "present_pool")
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.pool_dtype = ELEMENT_TYPES[inputs[self.pool_names[0]].type]
 
@@ -87,17 +80,10 @@ class PagedSession:
         new_slots = cache.slot_mapping(token_tables, logical)
         span = int(context_lens[seqs].max())
         key_slots = cache.key_slots(token_tables, span)  # (N, S)
-        key_allowed = torch.arange(span)[None, :] <= logical[:, None]  # its own sequence's slots up to its own
         cache.slot_positions[new_slots] = positions
         feeds = {"input_ids": tokens[:, None], "position_ids": positions[:, None], "slot_mapping": new_slots[:, None],
-                 "key_slots": key_slots, "key_allowed": key_allowed,
+                 "key_slots": key_slots,
+                 "key_allowed": torch.arange(span)[None, :] <= logical[:, None],  # its sequence's slots up to its own
                  "key_position_ids": cache.slot_positions[key_slots]}
-        binding = self.session.io_binding()
-        for name in input_names(self.config)[: -len(self.pool_names)]:
-            binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name].numpy()))
-        binding.bind_output("logits", "cpu")
-        for pool, present, value in zip(self.pool_names, self.present_names, cache.values):
-            binding.bind_ortvalue_input(pool, value)
-            binding.bind_ortvalue_output(present, value)  # in place: present is the pool with the new slots written
-        self.session.run_with_iobinding(binding)
-        return torch.from_numpy(binding.get_outputs()[0].numpy())[:, 0]
+        logits = run_in_place(self.session, feeds, list(zip(self.pool_names, self.present_names, cache.values)))
+        return logits[:, 0]

@@ -66,14 +66,17 @@ class PoolContext(AttentionContext):
 
 
 class PagedDecoderStep(DecoderStep):
-    """The reference Transformer's forward over the paged contract above."""
+    """The reference Transformer's forward over the paged contract above; a subclass's `context_class` decides
+    where the two index inputs write and read (packed_graph.py)."""
 
-    def forward(self, input_ids, position_ids, slot_mapping, key_slots, key_allowed, *rest):
+    context_class = PoolContext
+
+    def forward(self, input_ids, position_ids, write_index, read_index, key_allowed, *rest):
         cfg = self.config
         with_keys = reads_key_positions(cfg)
-        key_positions = rest[0] if with_keys else key_slots  # key_slots stands in, unread, for rope-only models
-        pool = rest[1:] if with_keys else rest
-        ctx = PoolContext(key_allowed, position_ids, key_positions, slot_mapping, key_slots, pool)
+        key_positions = rest[0] if with_keys else None  # read only by ALiBi and sliding windows
+        caches = rest[1:] if with_keys else rest
+        ctx = self.context_class(key_allowed, position_ids, key_positions, write_index, read_index, caches)
         ropes = None
         if cfg.position == "rope":
             rope = self.rope(position_ids)

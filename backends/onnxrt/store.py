@@ -30,6 +30,7 @@ from backends.checkpoint import Checkpoint
 from backends.strategies import Quant
 
 from .graph import CONFIG_METADATA, export_decoder, stamp
+from .packed_graph import export_packed_decoder
 from .paged_graph import export_paged_decoder
 from .quantize import derive
 
@@ -41,7 +42,9 @@ FORMAT_VERSION = "1"  # bump whenever graph.py's contract or export changes what
 STEP = "step"
 # graph variant -> (its exporter, its contract for the file's metadata)
 GRAPHS = {STEP: (export_decoder, "decoder step with an in-place KV cache: see backends/onnxrt/graph.py"),
-          "paged": (export_paged_decoder, "decoder step over a block pool: see backends/onnxrt/paged_graph.py")}
+          "paged": (export_paged_decoder, "decoder step over a block pool: see backends/onnxrt/paged_graph.py"),
+          "packed": (export_packed_decoder, "packed decoder step, rows gathered by index: see "
+                                            "backends/onnxrt/packed_graph.py")}
 
 
 @dataclass(frozen=True)
