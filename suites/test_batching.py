@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import cache
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from backends.algorithms.serving import Request, ServingConfig, serve
 from backends.algorithms.serving.engine import WallClock, paged_memory
 from backends.strategies import Batching, Strategy
 from harness.latency import serving_metrics, slo_label
+from harness.models import SMALL, random_checkpoint, small_checkpoint
 from harness.plugin import require
 from harness.workloads import PROFILES, make_requests, system_prompt
 
@@ -187,6 +189,36 @@ def test_paged_step_matches_contiguous(backend, load_runner, checkpoint, record)
         worst = max(worst, error)
         done = context_lens.tolist()
     record(max_abs_logit_error=worst)
+
+
+# position encodings whose keys carry their own positions into the packed and paged steps (ALiBi, a sliding window)
+# or whose positions enter only at the embedding; the --model checkpoint covers RoPE
+POSITION_CASES = {"alibi": ("alibi", "gqa"), "learned": ("learned", "gqa"), "sinusoidal": ("sinusoidal", "mqa"),
+                  "rope-window-12": None}
+
+
+@cache
+def position_case(name: str) -> Checkpoint:
+    if POSITION_CASES[name] is not None:
+        return small_checkpoint(*POSITION_CASES[name])
+    config = SMALL.replace(n_kv_heads=2, sliding_window=12, sliding_layers=(0,))  # one sliding layer, one global
+    return random_checkpoint(config, name="small-rope-window-12")
+
+
+@pytest.mark.exactness
+@pytest.mark.config_matrix
+@pytest.mark.parametrize("position", list(POSITION_CASES))
+@pytest.mark.parametrize("iterative", [Batching.CONTINUOUS, Batching.PAGED], ids=lambda b: b.value)
+def test_positions_in_packed_and_paged_steps(backend, load_runner, iterative, position, record):
+    """The small models of the configuration matrix whose attention reads key positions (ALiBi's bias, a sliding
+    window) or whose positions are embedded: each request as alone under the packed and the paged step."""
+    require(backend, f"batching:{iterative.value}")
+    checkpoint = position_case(position)
+    runner = load_runner(checkpoint, Strategy())
+    spec = WORKLOADS["random-arrivals"]
+    result = serve(runner, spec.requests(checkpoint.config.vocab_size)[:6], spec.config(iterative, max_len(checkpoint)))
+    record(max_abs_logit_error=assert_each_as_alone(runner, result))
+    assert result.stats.max_running > 1 and result.stats.mixed_steps > 0, result.stats
 
 
 SHARED = 48  # a shared system prompt of three full blocks
