@@ -209,7 +209,7 @@ def position_case(name: str) -> Checkpoint:
 @pytest.mark.config_matrix
 @pytest.mark.parametrize("position", list(POSITION_CASES))
 @pytest.mark.parametrize("iterative", [Batching.CONTINUOUS, Batching.PAGED], ids=lambda b: b.value)
-def test_positions_in_packed_and_paged_steps(backend, load_runner, iterative, position, record):
+def test_position_encodings_served_as_alone(backend, load_runner, iterative, position, record):
     """The small models of the configuration matrix whose attention reads key positions (ALiBi's bias, a sliding
     window) or whose positions are embedded: each request as alone under the packed and the paged step."""
     require(backend, f"batching:{iterative.value}")
