@@ -58,7 +58,8 @@ def serving_metrics(completions: list[Completion], slo: dict[str, float] | None 
     duration = max(c.finish_time for c in completions) - start
     ttft = [c.first_token_time - c.request.arrival for c in completions]
     e2el = [c.finish_time - c.request.arrival for c in completions]
-    tpot_or_0 = [(e - t) / (len(c.tokens) - 1) if len(c.tokens) > 1 else 0.0 for c, e, t in zip(completions, e2el, ttft)]
+    tpot_or_0 = [(e - t) / (len(c.tokens) - 1) if len(c.tokens) > 1 else 0.0
+                 for c, e, t in zip(completions, e2el, ttft)]
     tpot = [value for c, value in zip(completions, tpot_or_0) if len(c.tokens) > 1]
     itl = [b - a for c in completions for a, b in zip(c.token_times, c.token_times[1:])]
     output_tokens = sum(len(c.tokens) for c in completions)

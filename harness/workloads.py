@@ -94,8 +94,8 @@ def system_prompt(checkpoint: Checkpoint, profile: Profile) -> tuple[int, ...]:
     return token_stream(checkpoint)[: profile.shared_prefix]
 
 
-def make_requests(checkpoint: Checkpoint, profile: Profile, n: int, rate: float = math.inf, burstiness: float = DEFAULT_BURSTINESS,
-                  sharing: float = 0.0, seed: int = 0) -> list[Request]:
+def make_requests(checkpoint: Checkpoint, profile: Profile, n: int, rate: float = math.inf,
+                  burstiness: float = DEFAULT_BURSTINESS, sharing: float = 0.0, seed: int = 0) -> list[Request]:
     """n requests of `profile` arriving at `rate` per second (arrival times in seconds)."""
     stream = token_stream(checkpoint)
     rng = np.random.default_rng(seed)

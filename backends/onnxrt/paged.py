@@ -68,7 +68,8 @@ class PagedSession:
         if not (isinstance(cache, OrtPagedKVCache) and len(cache.values) == len(self.pool_names)
                 and cache.dtype == self.pool_dtype and cache.values[0].shape()[1:] == shape):
             raise TypeError(f"cache of type {type(cache).__name__} is not an onnxrt block pool of this model's shape "
-                            f"({len(self.pool_names)} tensors of (slots, {shape[0]}, {shape[1]}) {self.pool_dtype.__name__})")
+                            f"({len(self.pool_names)} tensors of (slots, {shape[0]}, {shape[1]}) "
+                            f"{self.pool_dtype.__name__})")
 
     def run(self, cache: OrtPagedKVCache, tokens, positions, seqs, block_tables, context_lens) -> torch.Tensor:
         """forward_paged (base.py): (N,) packed tokens -> (N, V) logits."""
