@@ -136,7 +136,10 @@ class PackedStepRunner(ABC):
 
 
 class PagedKVCache(ABC):
-    """A pool of `n_blocks` blocks of `block_size` slots each, shared by every sequence through block tables."""
+    """A pool of `n_blocks` blocks of `block_size` slots each, shared by every sequence through block tables.
+
+    The addressing of `PagedRunner.forward_paged` is written here once, for every backend: `new_token_slots`
+    checks a step's block tables and places its tokens, `physical_slots` resolves logical slots to pool slots."""
 
     @property
     @abstractmethod
@@ -150,6 +153,38 @@ class PagedKVCache(ABC):
     @abstractmethod
     def allocated_bytes(self) -> int:
         """Bytes of the key/value pool actually allocated."""
+
+    def physical_slots(self, tables: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
+        """Pool slots of logical slots (..., S) through the block tables (..., M) of their sequences."""
+        blocks = tables.gather(-1, logical // self.block_size)
+        return blocks * self.block_size + logical % self.block_size
+
+    def slot_mapping(self, tables: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
+        """Pool slots (N,) where new tokens at logical slots (N,) are written (vLLM's slot mapping)."""
+        return self.physical_slots(tables, logical[:, None])[:, 0]
+
+    def new_token_slots(self, seqs: torch.Tensor, block_tables: torch.Tensor,
+                        context_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For forward_paged's packed tokens: each token's logical slot (N,), each sequence's token count in the step
+        (R,), and the block tables cut to the blocks the longest context needs, entries past a sequence's end set
+        to block 0 (a reader masks them). A table that lacks a block its context needs is a ValueError."""
+        rank, counts = rank_within(seqs, block_tables.shape[0])
+        logical = context_lens[seqs] - counts[seqs] + rank  # (N,)
+        width = int(-(-int(context_lens[seqs].max()) // self.block_size))  # blocks the longest sequence needs
+        tables = block_tables[:, :width]
+        needed = torch.arange(width, device=seqs.device)[None, :] * self.block_size < context_lens[:, None]
+        if bool(((tables < 0) | (tables >= self.n_blocks))[needed & (counts[:, None] > 0)].any()):
+            raise ValueError(f"block tables {block_tables.tolist()} lack a valid block for context lengths "
+                             f"{context_lens.tolist()} in a pool of {self.n_blocks} blocks")
+        return logical, counts, tables.clamp(min=0)
+
+
+def rank_within(groups: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed items (N,) of `groups`: each item's rank among the earlier items of its group, and each
+    group's count (n_groups,)."""
+    one_hot = torch.nn.functional.one_hot(groups, n_groups)  # (N, n_groups)
+    rank = one_hot.cumsum(dim=0).gather(1, groups[:, None])[:, 0] - 1
+    return rank, one_hot.sum(dim=0)
 
 
 class PagedRunner(ABC):

@@ -22,8 +22,10 @@ from backends.checkpoint import Checkpoint, CheckpointError
 from backends.registry import available, get_backend
 from backends.strategies import Attention, Batching, Quant, Strategy, parse_attention, parse_batching, parse_quant
 
+from .latency import DEFAULT_SLO, SLO_METRICS, parse_slo, slo_label
 from .models import DEFAULT_MODEL, resolve_model
 from .records import Record, RunWriter, check_writable_dir, current_commit, machine_info, new_run_id, run_header
+from .workloads import DEFAULT_BURSTINESS, parse_burstiness
 
 DEFAULT_BACKENDS = ["torch"]
 SCRATCH_RESULTS_DIR = ".exactbench/results"  # under the rootdir, gitignored: plain runs never touch results/
@@ -58,6 +60,8 @@ class HarnessSession:
     writer: RunWriter
     shard: tuple[int, int] | None = None  # (index from 1, count)
     batchings: list[Batching] | None = None  # None: every batching strategy each backend declares
+    slo: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SLO))  # serving goodput's objectives, ms
+    burstiness: float = DEFAULT_BURSTINESS  # serving benchmarks' gamma arrivals
     threads: int = field(default_factory=torch.get_num_threads)
     runner_cache: RunnerCache = field(default_factory=RunnerCache)
 
@@ -88,6 +92,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--batching", action="append", metavar="NAME",
                     help="batching strategy; repeat for several (default: every one the backend declares). "
                          f"Names: {', '.join(b.value for b in Batching)}")
+    group.addoption("--slo", action="append", metavar="NAME:MS",
+                    help="a service-level objective for serving goodput (vLLM's --goodput): the requests per second "
+                         f"whose NAME ({', '.join(SLO_METRICS)}) is at most MS milliseconds; repeat for several, "
+                         f"all must hold (default: {slo_label(DEFAULT_SLO)})")
+    group.addoption("--burstiness", metavar="X",
+                    help="serving benchmarks' arrivals: gamma inter-arrival times of shape X (1: Poisson, below 1: "
+                         f"burstier, above 1: more regular; default: {DEFAULT_BURSTINESS:g})")
     group.addoption("--results-dir", metavar="DIR",
                     help="where this run's records file is written (DIR/records/<run id>.jsonl; default: "
                          f"{SCRATCH_RESULTS_DIR} under the rootdir, a scratch directory; the main job publishes "
@@ -146,15 +157,19 @@ def pytest_configure(config: pytest.Config) -> None:
             raise ValueError(f"--model is empty: name a built-in model or a local directory (default: {DEFAULT_MODEL})")
         model = resolve_model(model_name or DEFAULT_MODEL)
         shard = parse_shard(config.getoption("shard")) if config.getoption("shard") else None
+        slo = parse_slo(config.getoption("slo")) if config.getoption("slo") else dict(DEFAULT_SLO)
+        burstiness = (parse_burstiness(config.getoption("burstiness")) if config.getoption("burstiness") is not None
+                      else DEFAULT_BURSTINESS)
         options = {"backends": backends, "model": model.name, "quant": config.getoption("quant"),
                    "attention": config.getoption("attention"),
                    "batching": config.getoption("batching"), "shard": config.getoption("shard"),
+                   "slo": slo_label(slo), "burstiness": burstiness,
                    "markers": config.getoption("markexpr") or None, "worker": xdist_worker(config)}
         writer = open_run(config, options)
     except (ValueError, CheckpointError) as error:
         raise pytest.UsageError(str(error)) from None
     config.stash[SESSION] = HarnessSession(list(dict.fromkeys(backends)), quants, attentions, model, writer, shard,
-                                           batchings)
+                                           batchings, slo, burstiness)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -208,6 +223,18 @@ def backend(request: pytest.FixtureRequest) -> Backend:
 def checkpoint(request: pytest.FixtureRequest) -> Checkpoint:
     """The --model checkpoint."""
     return request.config.stash[SESSION].model
+
+
+@pytest.fixture
+def slo(request: pytest.FixtureRequest) -> dict[str, float]:
+    """The --slo objectives, {ttft|tpot|e2el: milliseconds}: what serving goodput counts."""
+    return request.config.stash[SESSION].slo
+
+
+@pytest.fixture
+def burstiness(request: pytest.FixtureRequest) -> float:
+    """The --burstiness of serving benchmarks' gamma arrivals (1: Poisson)."""
+    return request.config.stash[SESSION].burstiness
 
 
 @pytest.fixture

@@ -42,8 +42,25 @@ PROFILES = {
 }
 
 
+DEFAULT_BURSTINESS = 1.0  # Poisson arrivals
+
+
+def parse_burstiness(text: str) -> float:
+    """A `--burstiness` value; a bad one is a one-line ValueError naming what is accepted."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise ValueError(f"bad --burstiness {text!r}: accepted a positive number (1: Poisson arrivals, below 1: "
+                         "burstier, above 1: more regular)")
+    return value
+
+
 def arrival_times(n: int, rate: float, burstiness: float, seed: int) -> list[float]:
     """Seconds at which each of n requests is sent."""
+    if not burstiness > 0:
+        raise ValueError(f"burstiness {burstiness!r}; accepted: a positive number")
     if math.isinf(rate):
         return [0.0] * n
     rng = np.random.default_rng(seed)
@@ -77,8 +94,8 @@ def system_prompt(checkpoint: Checkpoint, profile: Profile) -> tuple[int, ...]:
     return token_stream(checkpoint)[: profile.shared_prefix]
 
 
-def make_requests(checkpoint: Checkpoint, profile: Profile, n: int, rate: float = math.inf, burstiness: float = 1.0,
-                  sharing: float = 0.0, seed: int = 0) -> list[Request]:
+def make_requests(checkpoint: Checkpoint, profile: Profile, n: int, rate: float = math.inf,
+                  burstiness: float = DEFAULT_BURSTINESS, sharing: float = 0.0, seed: int = 0) -> list[Request]:
     """n requests of `profile` arriving at `rate` per second (arrival times in seconds)."""
     stream = token_stream(checkpoint)
     rng = np.random.default_rng(seed)

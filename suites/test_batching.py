@@ -4,7 +4,7 @@ The reference for each request is `backends.algorithms.generation.generate` on t
 plain cached decode the KV-cache suite checks). Every strategy the backend declares (`--batching`) serves the
 same requests and must give, per request, the same greedy tokens and logits within `logit_bound`:
 
-- workloads of seeded random arrivals, batch limits 1..16, prompts of 1..200 tokens and outputs of 1..48;
+- workloads of seeded random arrivals, batch limits 1..16, prompts of 1..200 tokens and outputs of 1..200;
   a request arriving while another is in prefill; a prompt longer than the step's token budget (chunked
   prefill); preemption under a small block pool. Each workload asserts it exercised what it is for.
 - paged: the paged step equals the contiguous one on random permuted block tables, lengths not divisible by
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import cache
 
 import pytest
 import torch
@@ -28,7 +29,8 @@ from backends.algorithms.generation import Generation, Sampling, generate
 from backends.algorithms.serving import Request, ServingConfig, serve
 from backends.algorithms.serving.engine import WallClock, paged_memory
 from backends.strategies import Batching, Strategy
-from harness.latency import serving_metrics
+from harness.latency import serving_metrics, slo_label
+from harness.models import SMALL, random_checkpoint, small_checkpoint
 from harness.plugin import require
 from harness.workloads import PROFILES, make_requests, system_prompt
 
@@ -79,6 +81,9 @@ WORKLOADS = {
     # a 200-token prompt (over the 48-token step budget: chunked) in prefill when a short one arrives
     "arrives-during-prefill": Workload(((200, 8, 0), (5, 24, 1), (30, 16, 6)), max_batch=4, step_tokens=48,
                                        paged_kv_tokens=2048, seed=3),
+    # a 200-token output (most of the model's 256 positions) beside shorter requests that join and retire under it
+    "long-output": Workload(((6, 200, 0), (50, 24, 3), (24, 40, 10)), max_batch=3, step_tokens=64,
+                            paged_kv_tokens=1024, seed=5),
     # a pool of 12 blocks for requests of up to 8 blocks each: paged strategies must preempt and recompute
     "small-pool": Workload(((90, 40, 0), (70, 48, 0), (100, 20, 1), (40, 30, 2)), max_batch=4, step_tokens=128,
                            paged_kv_tokens=12 * BLOCK_SIZE, seed=4),
@@ -184,6 +189,36 @@ def test_paged_step_matches_contiguous(backend, load_runner, checkpoint, record)
         worst = max(worst, error)
         done = context_lens.tolist()
     record(max_abs_logit_error=worst)
+
+
+# position encodings whose keys carry their own positions into the packed and paged steps (ALiBi, a sliding window)
+# or whose positions enter only at the embedding; the --model checkpoint covers RoPE
+POSITION_CASES = {"alibi": ("alibi", "gqa"), "learned": ("learned", "gqa"), "sinusoidal": ("sinusoidal", "mqa"),
+                  "rope-window-12": None}
+
+
+@cache
+def position_case(name: str) -> Checkpoint:
+    if POSITION_CASES[name] is not None:
+        return small_checkpoint(*POSITION_CASES[name])
+    config = SMALL.replace(n_kv_heads=2, sliding_window=12, sliding_layers=(0,))  # one sliding layer, one global
+    return random_checkpoint(config, name="small-rope-window-12")
+
+
+@pytest.mark.exactness
+@pytest.mark.config_matrix
+@pytest.mark.parametrize("position", list(POSITION_CASES))
+@pytest.mark.parametrize("iterative", [Batching.CONTINUOUS, Batching.PAGED], ids=lambda b: b.value)
+def test_position_encodings_served_as_alone(backend, load_runner, iterative, position, record):
+    """The small models of the configuration matrix whose attention reads key positions (ALiBi's bias, a sliding
+    window) or whose positions are embedded: each request as alone under the packed and the paged step."""
+    require(backend, f"batching:{iterative.value}")
+    checkpoint = position_case(position)
+    runner = load_runner(checkpoint, Strategy())
+    spec = WORKLOADS["random-arrivals"]
+    result = serve(runner, spec.requests(checkpoint.config.vocab_size)[:6], spec.config(iterative, max_len(checkpoint)))
+    record(max_abs_logit_error=assert_each_as_alone(runner, result))
+    assert result.stats.max_running > 1 and result.stats.mixed_steps > 0, result.stats
 
 
 SHARED = 48  # a shared system prompt of three full blocks
@@ -304,25 +339,27 @@ def warm_up(runner, config: ServingConfig) -> None:
     serve(runner, [Request(0, (1, 2, 3), 2), Request(1, (4, 5), 2)], config)
 
 
-def serving_record(result) -> dict[str, float]:
+def serving_record(result, slo: dict[str, float] | None = None) -> dict[str, float]:
     stats = result.stats
-    return {**serving_metrics(result.completions), "kv_waste_pct": 100 * stats.kv_waste,
+    return {**serving_metrics(result.completions, slo), "kv_waste_pct": 100 * stats.kv_waste,
             "preemptions": stats.preemptions, "max_running": stats.max_running, "steps": stats.steps}
 
 
 @pytest.mark.bench
 @pytest.mark.parametrize("rate", BENCH_RATES)
 @pytest.mark.parametrize("profile", ["fixed", "heavy-tailed"])
-def test_serving(backend, load_runner, checkpoint, batching, profile, rate, record):
-    """BENCH_REQUESTS requests of `profile` arriving by a Poisson process at `rate`, served under the same KV
-    budget by each strategy: throughput, TTFT, TPOT, ITL, E2EL, KV waste."""
+def test_serving(backend, load_runner, checkpoint, batching, profile, rate, burstiness, slo, record):
+    """BENCH_REQUESTS requests of `profile` arriving by a gamma process (--burstiness; 1: Poisson) at `rate`,
+    served under the same KV budget by each strategy: throughput, goodput under --slo, TTFT, TPOT, ITL, E2EL,
+    KV waste."""
     runner = load(backend, load_runner, checkpoint, batching)
     config = bench_config(batching, checkpoint)
     warm_up(runner, config)
-    requests = make_requests(checkpoint, PROFILES[profile], BENCH_REQUESTS, rate=rate, seed=7)
+    requests = make_requests(checkpoint, PROFILES[profile], BENCH_REQUESTS, rate=rate, burstiness=burstiness, seed=7)
     result = serve(runner, requests, config, clock=WallClock())
-    record.params(kv_tokens=config.kv_tokens, max_batch=config.max_batch, requests=BENCH_REQUESTS)
-    record(**serving_record(result))
+    record.params(kv_tokens=config.kv_tokens, max_batch=config.max_batch, requests=BENCH_REQUESTS,
+                  burstiness=burstiness, slo=slo_label(slo))
+    record(**serving_record(result, slo))
 
 
 @pytest.mark.bench
@@ -341,13 +378,14 @@ def test_concurrency_at_a_fixed_kv_budget(backend, load_runner, checkpoint, batc
 
 @pytest.mark.bench
 @pytest.mark.parametrize("sharing", SHARING)
-def test_prefix_sharing(backend, load_runner, checkpoint, sharing, record):
+def test_prefix_sharing(backend, load_runner, checkpoint, sharing, burstiness, record):
     """A system prompt shared by a fraction of the requests: prefill tokens the prefix cache skips, and mean TTFT
     with and without it, measured side by side."""
     require(backend, f"batching:{Batching.PAGED_PREFIX.value}")
     runner = load_runner(checkpoint, Strategy())
     profile = PROFILES["shared-prefix"]
-    requests = make_requests(checkpoint, profile, BENCH_REQUESTS, rate=SHARING_RATE, sharing=sharing, seed=9)
+    requests = make_requests(checkpoint, profile, BENCH_REQUESTS, rate=SHARING_RATE, burstiness=burstiness,
+                             sharing=sharing, seed=9)
     runs = {}
     for batching in (Batching.PAGED, Batching.PAGED_PREFIX):
         config = bench_config(batching, checkpoint)
@@ -358,7 +396,7 @@ def test_prefix_sharing(backend, load_runner, checkpoint, sharing, record):
     sharers = [c for c in runs[Batching.PAGED_PREFIX].completions if c.request.prompt[:len(prefix)] == prefix]
     skipped = sum(c.cached_tokens[0] for c in runs[Batching.PAGED_PREFIX].completions)
     skipped_of_prefix = sum(min(c.cached_tokens[0], len(prefix)) for c in sharers)
-    record.params(rate=SHARING_RATE, shared_prefix=profile.shared_prefix)
+    record.params(rate=SHARING_RATE, shared_prefix=profile.shared_prefix, burstiness=burstiness)
     record(prefix_tokens_skipped=skipped,
            shared_prefix_skipped_pct=100 * skipped_of_prefix / (len(sharers) * len(prefix)) if sharers else 0.0,
            ttft_mean_ms=with_cache["ttft_mean_ms"], ttft_mean_ms_uncached=without["ttft_mean_ms"],

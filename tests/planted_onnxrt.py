@@ -8,6 +8,8 @@ import torch
 
 from backends.base import ModelRunner
 from backends.onnxrt import OnnxRuntimeBackend
+from backends.onnxrt.paged import OrtPagedKVCache
+from backends.onnxrt.runner import OrtRunner
 from backends.strategies import Quant
 
 
@@ -65,8 +67,30 @@ def planted(name: str, runner_cls: type[WrappedRunner]) -> type[OnnxRuntimeBacke
     return type(f"Planted{runner_cls.__name__}", (OnnxRuntimeBackend,), {"name": name, "load": load})
 
 
+class GatherOffByOneCache(OrtPagedKVCache):
+    """The paged graph gathers each query's keys and values through the block-table entry after the right one
+    (writes are right): a block-table off-by-one in the gather."""
+
+    def key_slots(self, tables, span):
+        shifted = torch.cat([tables[:, 1:], tables[:, -1:]], dim=1)
+        return super().key_slots(shifted, span)
+
+
+class GatherOffByOneRunner(OrtRunner):
+    paged_cache_class = GatherOffByOneCache
+
+
+class PlantedGatherOffByOne(OnnxRuntimeBackend):
+    name = "onnxrt-gather-off-by-one"
+
+    def load(self, checkpoint, strategy):
+        runner = OnnxRuntimeBackend.load(self, checkpoint, strategy)
+        return GatherOffByOneRunner(runner.checkpoint, runner.strategy, runner.path)
+
+
 PLANTED = {
     "onnxrt-shifted-positions": planted("onnxrt-shifted-positions", ShiftedPositions),
     "onnxrt-ignores-padding": planted("onnxrt-ignores-padding", IgnoresPadding),
     "onnxrt-scrambled-lowp": planted("onnxrt-scrambled-lowp", ScrambledLowPrecision),
+    "onnxrt-gather-off-by-one": PlantedGatherOffByOne,
 }

@@ -51,3 +51,17 @@ def test_request_longer_than_the_model(runner):
         message = one_line_error(serve, runner, [request], ServingConfig(batching, kv_tokens=4096))
         assert message == ("request 7: 1000 prompt + 30 new tokens = 1030 exceed the maximum sequence length 1024; "
                            "accepted: at most 1024")
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--slo", "latency:5", "ERROR: bad --slo 'latency:5': accepted NAME:MILLISECONDS with NAME one of ttft, tpot, "
+                           "e2el and a positive number, e.g. ttft:500"),
+    ("--burstiness", "0", "ERROR: bad --burstiness '0': accepted a positive number (1: Poisson arrivals, below 1: "
+                          "burstier, above 1: more regular)"),
+])
+def test_bad_serving_options_are_usage_errors(pytester, option, value, message):
+    pytester.makepyfile(test_x="def test_x():\n    pass\n")
+    result = pytester.runpytest_inprocess(option, value)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+    assert "Traceback" not in result.stderr.str() + result.stdout.str()

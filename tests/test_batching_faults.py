@@ -9,6 +9,7 @@ from pathlib import Path
 from backends.algorithms.serving import block_manager
 
 from .planted_faults import PLANTED
+from .planted_onnxrt import PLANTED as PLANTED_ONNXRT
 
 SUITE = str(Path(__file__).resolve().parents[1] / "suites" / "test_batching.py")
 MODEL = "tiny-random"  # the outcomes asserted below are for this model, whatever the default model is
@@ -28,6 +29,15 @@ def test_reference_passes_the_same_selections(pytester):
 
 def test_block_table_off_by_one_is_caught(pytester, register_backend):
     name = register_backend(PLANTED["block-table-off-by-one"])
+    result = run_suite(pytester, "paged_step or random-arrivals", name, "paged")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines_random(["FAILED *test_paged_step_matches_contiguous*",
+                                        "FAILED *test_each_request_as_alone*paged-random-arrivals*"])
+
+
+def test_onnxrt_gather_off_by_one_is_caught(pytester, register_backend):
+    """onnxrt's paged graph reads keys and values through the next block-table entry."""
+    name = register_backend(PLANTED_ONNXRT["onnxrt-gather-off-by-one"])
     result = run_suite(pytester, "paged_step or random-arrivals", name, "paged")
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines_random(["FAILED *test_paged_step_matches_contiguous*",

@@ -39,8 +39,7 @@ class OnnxRuntimeBackend(Backend):
             [f"quant:{q.value}" for q in QUANTS]
             + [f"attention:{Attention.NATIVE.value}"]  # ONNX Runtime runs the exported attention its own way
             + [f"position:{p}" for p in POSITIONS]
-            # paged attention would need a gather of blocks inside the exported graph: not declared
-            + [f"batching:{b.value}" for b in (Batching.SEQUENTIAL, Batching.STATIC, Batching.CONTINUOUS)]
+            + [f"batching:{b.value}" for b in Batching]  # paged: a gather of pool slots inside the graph
             + ["kv-cache", "ragged-batch", "cache-rollback", "onnx-export"]
         )
 

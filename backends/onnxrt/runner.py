@@ -5,6 +5,9 @@ forward binds it with IO binding as both the past input and the present output, 
 new keys and values into it in place: per step, no part of the cache is copied or read back into Python. The
 slot bookkeeping (which slots are valid, the position each holds, each row's length) follows
 backends/torch_ref/model.TorchKVCache, so the two backends honour the same cache semantics (base.py).
+
+Two more graph variants are opened on first use: `forward_packed` runs the packed graph (packed_graph.py) over the
+same cache, one session run per continuous-batching step; the paged strategies run the paged graph (paged.py).
 """
 from __future__ import annotations
 
@@ -15,10 +18,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from backends.base import CacheFullError, KVCache, ModelRunner, PackedStepRunner
+from backends.base import CacheFullError, KVCache, ModelRunner, PackedStepRunner, PagedKVCache, PagedRunner, rank_within
 from backends.checkpoint import Checkpoint, ModelConfig
 from backends.strategies import Strategy
 
+from . import packed_graph
 from .graph import CONFIG_METADATA, input_names, layer_names, output_names
 
 ELEMENT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -73,6 +77,40 @@ def check_contract(session: ort.InferenceSession, config: ModelConfig, path: Pat
         raise OnnxModelError(f"{path}: exported from another model configuration ({exported})")
 
 
+def open_variant(checkpoint: Checkpoint, strategy: Strategy, graph: str, inputs: list[str],
+                 outputs: list[str]) -> ort.InferenceSession:
+    """A session of graph variant `graph` (store.GRAPHS) of the checkpoint under the strategy, with those names."""
+    from .store import model_file
+
+    path = model_file(checkpoint, strategy.quant, graph=graph).path
+    try:
+        session = ort.InferenceSession(str(path), providers=execution_providers())
+    except Exception as error:  # onnxruntime's pybind errors share no base
+        raise OnnxModelError(f"{path}: not a loadable ONNX model ({str(error).strip()[:200]})") from None
+    names = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+    if names != (inputs, outputs):
+        raise OnnxModelError(f"{path}: not an exactbench {graph} decoder step for this model (inputs {names[0][:6]})")
+    return session
+
+
+def run_in_place(session: ort.InferenceSession, feeds: dict[str, torch.Tensor],
+                 caches: list[tuple[str, str, ort.OrtValue]]) -> torch.Tensor:
+    """Run `session` on CPU `feeds` (every input it has that is not a cache) and its caches, each (input name,
+    output name, buffer) bound as both input and output: the graph's present is its past with the new slots
+    written, so the update is in place. Returns the logits."""
+    binding = session.io_binding()
+    cache_inputs = {name for name, _, _ in caches}
+    for spec in session.get_inputs():
+        if spec.name not in cache_inputs:
+            binding.bind_cpu_input(spec.name, np.ascontiguousarray(feeds[spec.name].numpy()))
+    binding.bind_output("logits", "cpu")  # first bound, so first in get_outputs()
+    for past, present, value in caches:
+        binding.bind_ortvalue_input(past, value)
+        binding.bind_ortvalue_output(present, value)
+    session.run_with_iobinding(binding)
+    return torch.from_numpy(binding.get_outputs()[0].numpy())
+
+
 class OrtKVCache(KVCache):
     """Per-layer keys and values as OrtValues (B, Hkv, capacity, D), plus each slot's validity and position."""
 
@@ -113,20 +151,9 @@ class OrtKVCache(KVCache):
         self._lengths[rows] = 0
 
 
-def row_runs(counts: list[int]) -> list[tuple[int, int, int]]:
-    """(first row, number of rows, tokens per row) of each maximal range of consecutive rows with the same
-    non-zero token count."""
-    runs: list[tuple[int, int, int]] = []
-    for row, count in enumerate(counts):
-        if count and runs and runs[-1][2] == count and runs[-1][0] + runs[-1][1] == row:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1, count)
-        elif count:
-            runs.append((row, 1, count))
-    return runs
-
-
-class OrtRunner(ModelRunner, PackedStepRunner):
-    """One ONNX model file (a strategy of one checkpoint) in an onnxruntime session."""
+class OrtRunner(ModelRunner, PackedStepRunner, PagedRunner):
+    """One ONNX model file (a strategy of one checkpoint) in an onnxruntime session; the paged graph's session
+    (paged.py) is opened on the first paged cache."""
 
     def __init__(self, checkpoint: Checkpoint, strategy: Strategy, path: Path):
         super().__init__(checkpoint, strategy)
@@ -137,6 +164,8 @@ class OrtRunner(ModelRunner, PackedStepRunner):
         self.past_names = layer_names(self.config, "past_key_values")
         self.present_names = layer_names(self.config, "present")
         self.cache_dtype = ELEMENT_TYPES[past[self.past_names[0]].type]
+        self.packed = None  # the packed graph's session, opened by the first forward_packed
+        self.paged = None
 
     @property
     def implementation(self) -> str:
@@ -163,31 +192,64 @@ class OrtRunner(ModelRunner, PackedStepRunner):
         tokens, positions = tokens.cpu().long(), positions.cpu().long()
         self._check_vocabulary(tokens)
         cache.check_room(tokens.shape[1])
-        return self._run(cache, 0, tokens, positions, mask)
+        return self._run(cache, tokens, positions, mask)
 
     def forward_packed(self, cache, tokens, positions, rows):
-        """Rows are run in groups with no padding: each maximal range of consecutive rows that bring the same
-        number of tokens is one session run, its slice of the cache bound in place by address (rows are the
-        cache's outermost axis, so a range of rows is one contiguous block of memory)."""
+        """One run of the packed graph (packed_graph.py): every token its own row of one query, written at its
+        cache row's next slot and reading that row, gathered by index; no padding computed or stored."""
         self._check_cache(cache)
         tokens, positions, rows = tokens.cpu().long(), positions.cpu().long(), rows.cpu().long()
         self._check_vocabulary(tokens)
-        counts = torch.bincount(rows, minlength=cache.lengths.shape[0])
-        full = cache.lengths + counts > cache.capacity
+        rank, counts = rank_within(rows, cache.lengths.shape[0])
+        lengths = cache.lengths + counts
+        full = lengths > cache.capacity
         if bool(full.any()):
             row = int(full.nonzero()[0])
             raise CacheFullError(f"KV cache full: row {row} holds {int(cache.lengths[row])} of {cache.capacity} "
                                  f"slots and {int(counts[row])} more tokens were given")
-        order = torch.argsort(rows, stable=True)  # by row, each row's tokens in their order
-        logits = torch.empty(len(rows), self.config.vocab_size)
-        start = 0
-        for first, n_rows, count in row_runs(counts.tolist()):
-            picked = order[start: start + n_rows * count]
-            shape = (n_rows, count)
-            logits[picked] = self._run(cache, first, tokens[picked].view(shape), positions[picked].view(shape),
-                                       torch.ones(shape, dtype=torch.bool)).flatten(0, 1)
-            start += n_rows * count
-        return logits
+        if self.packed is None:
+            self.packed = open_variant(self.checkpoint, self.strategy, "packed", packed_graph.input_names(self.config),
+                                       packed_graph.output_names(self.config))
+        # the slots this call fills, as TorchKVCache.begin_packed; the lengths advance only once the run succeeds
+        slots = cache.lengths[rows] + rank  # (N,)
+        cache.valid[rows, slots] = True
+        cache.positions[rows, slots] = positions
+        span = int(lengths[rows].max())
+        feeds = {"input_ids": tokens[:, None], "position_ids": positions[:, None], "cache_rows": rows[:, None],
+                 "cache_position": slots[:, None],
+                 "key_allowed": cache.valid[rows, :span] & (torch.arange(span)[None, :] <= slots[:, None]),
+                 "key_position_ids": cache.positions[rows, :span]}
+        try:
+            logits = run_in_place(self.packed, feeds, self.cache_bindings(cache))
+        except BaseException:
+            cache.valid[rows, slots] = False  # slots past a row's length are invalid, as truncate leaves them
+            raise
+        cache._lengths = lengths
+        return logits[:, 0]
+
+    def paged_session(self):
+        """The session of the paged graph (paged.py), opened on first use."""
+        from .paged import PagedSession
+
+        if self.paged is None:
+            self.paged = PagedSession(self.checkpoint, self.strategy)
+        return self.paged
+
+    def new_paged_cache(self, n_blocks: int, block_size: int, fill: float = 0.0) -> PagedKVCache:
+        return self.paged_cache_class(self.paged_session(), n_blocks, block_size, fill)
+
+    @property
+    def paged_cache_class(self):
+        from .paged import OrtPagedKVCache
+
+        return OrtPagedKVCache
+
+    def forward_paged(self, cache, tokens, positions, seqs, block_tables, context_lens):
+        self._check_vocabulary(tokens.cpu())
+        return self.paged_session().run(cache, tokens, positions, seqs, block_tables, context_lens)
+
+    def cache_bindings(self, cache: OrtKVCache) -> list[tuple[str, str, ort.OrtValue]]:
+        return list(zip(self.past_names, self.present_names, cache.values))  # the step and packed graphs' names
 
     def _check_cache(self, cache) -> None:
         if not isinstance(cache, OrtKVCache) or cache.owner is not self:
@@ -199,40 +261,25 @@ class OrtRunner(ModelRunner, PackedStepRunner):
             raise ValueError(f"token id {int(tokens[outside][0])} is outside the vocabulary: accepted "
                              f"[0, {self.config.vocab_size})")
 
-    def _run(self, cache: OrtKVCache, first: int, tokens, positions, mask) -> torch.Tensor:
-        """Run (b, T) tokens on cache rows first .. first + b - 1, whose slots have room; (b, T, V) logits."""
+    def _run(self, cache: OrtKVCache, tokens, positions, mask) -> torch.Tensor:
+        """Run (B, T) tokens on every cache row, whose slots have room; (B, T, V) logits."""
         n_rows, n_new = tokens.shape
-        picked = slice(first, first + n_rows)
         # the slots this call fills, as TorchKVCache.begin; the lengths advance only once the run succeeds
-        slots = cache.lengths[picked, None] + torch.arange(n_new)  # (b, T)
-        rows = torch.arange(first, first + n_rows)[:, None]
+        slots = cache.lengths[:, None] + torch.arange(n_new)  # (B, T)
+        rows = torch.arange(n_rows)[:, None]
         cache.valid[rows, slots] = mask
         cache.positions[rows, slots] = positions
-        lengths = cache.lengths[picked] + n_new
+        lengths = cache.lengths + n_new
         seen = int(lengths.max()) if lengths.numel() else 0
-
-        binding = self.session.io_binding()
         feeds = {"input_ids": tokens, "position_ids": positions, "cache_position": slots,
-                 "attention_mask": cache.valid[picked, :seen], "key_position_ids": cache.positions[picked, :seen]}
-        for name in input_names(self.config)[: -len(self.past_names)]:
-            binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name].numpy()))
-        binding.bind_output("logits", "cpu")  # first bound, so first in get_outputs()
-        for past, present, value in zip(self.past_names, self.present_names, cache.values):
-            if n_rows == cache.lengths.shape[0]:
-                binding.bind_ortvalue_input(past, value)
-                binding.bind_ortvalue_output(present, value)  # in place: present is past with the new slots written
-            else:  # the rows' slice of the buffer, bound by address: still in place
-                shape = [n_rows, *value.shape()[1:]]
-                address = value.data_ptr() + first * int(np.prod(shape[1:])) * np.dtype(self.cache_dtype).itemsize
-                binding.bind_input(past, value.device_name(), 0, self.cache_dtype, shape, address)
-                binding.bind_output(present, value.device_name(), 0, self.cache_dtype, shape, address)
+                 "attention_mask": cache.valid[:, :seen], "key_position_ids": cache.positions[:, :seen]}
         try:
-            self.session.run_with_iobinding(binding)
+            logits = run_in_place(self.session, feeds, self.cache_bindings(cache))
         except BaseException:
             cache.valid[rows, slots] = False  # slots past a row's length are invalid, as truncate leaves them
             raise
-        cache._lengths[picked] = lengths
-        return torch.from_numpy(binding.get_outputs()[0].numpy())
+        cache._lengths = lengths
+        return logits
 
     def forward_full(self, tokens, positions, token_mask=None):
         """Every token at once into an empty cache of exactly that size: the same graph with no past."""

@@ -1,6 +1,7 @@
 """The on-disk cache of exported and quantized models, keyed by configuration, weights, strategy and exporter.
 
-Layout: `<root>/onnx/<checkpoint fingerprint>-<strategy>-<exporter key>/` holds `model.onnx` and
+Layout: `<root>/onnx/<checkpoint fingerprint>-<strategy>-<exporter key>/` (the exporter key names the graph variant
+too: the decoder step of graph.py, or its paged variant of paged_graph.py) holds `model.onnx` and
 `manifest.json` (the key it was built for, the file's size and sha256, the build time). The root is
 $EXACTBENCH_CACHE, else ~/.cache/exactbench.
 
@@ -29,6 +30,8 @@ from backends.checkpoint import Checkpoint
 from backends.strategies import Quant
 
 from .graph import CONFIG_METADATA, export_decoder, stamp
+from .packed_graph import export_packed_decoder
+from .paged_graph import export_paged_decoder
 from .quantize import derive
 
 MODEL_FILE = "model.onnx"
@@ -36,6 +39,12 @@ MANIFEST_FILE = "manifest.json"
 TMP_PREFIX = ".tmp-"
 STALE_TMP_SECONDS = 3600
 FORMAT_VERSION = "1"  # bump whenever graph.py's contract or export changes what a file holds
+STEP = "step"
+# graph variant -> (its exporter, its contract for the file's metadata)
+GRAPHS = {STEP: (export_decoder, "decoder step with an in-place KV cache: see backends/onnxrt/graph.py"),
+          "paged": (export_paged_decoder, "decoder step over a block pool: see backends/onnxrt/paged_graph.py"),
+          "packed": (export_packed_decoder, "packed decoder step, rows gathered by index: see "
+                                            "backends/onnxrt/packed_graph.py")}
 
 
 @dataclass(frozen=True)
@@ -117,25 +126,30 @@ def fetch(key: dict[str, str], build: Callable[[Path], None], root: Path | None 
     return Entry(final / MODEL_FILE, True, seconds)
 
 
-def model_key(checkpoint: Checkpoint, quant: Quant) -> dict[str, str]:
+def model_key(checkpoint: Checkpoint, quant: Quant, graph: str = STEP) -> dict[str, str]:
     """What a model file depends on: configuration and weights (the fingerprint), strategy, and the exporter."""
-    return {"fingerprint": checkpoint.fingerprint(), "strategy": quant.value, "format": FORMAT_VERSION,
-            "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    key = {"fingerprint": checkpoint.fingerprint(), "strategy": quant.value, "format": FORMAT_VERSION,
+           "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    if graph != STEP:  # the plain step's key stays as it was, so files already cached stay valid
+        key["graph"] = graph
+    return key
 
 
-def model_file(checkpoint: Checkpoint, quant: Quant, root: Path | None = None) -> Entry:
-    """The .onnx file of `checkpoint` under `quant`: exported (fp32) or derived from the fp32 file, then cached."""
-    key = model_key(checkpoint, quant)
+def model_file(checkpoint: Checkpoint, quant: Quant, root: Path | None = None, graph: str = STEP) -> Entry:
+    """The .onnx file of `checkpoint` under `quant` in graph variant `graph` (GRAPHS): exported (fp32) or derived
+    from the fp32 file of the same variant, then cached."""
+    key = model_key(checkpoint, quant, graph)
+    export, contract = GRAPHS[graph]
     metadata = {CONFIG_METADATA: json.dumps(checkpoint.config.to_dict(), sort_keys=True),
                 "exactbench.model": checkpoint.name, "exactbench.fingerprint": key["fingerprint"],
                 "exactbench.strategy": quant.value, "exactbench.format": FORMAT_VERSION,
-                "exactbench.contract": "decoder step with an in-place KV cache: see backends/onnxrt/graph.py"}
+                "exactbench.contract": contract}
     if quant == Quant.FP32:
         def build(path: Path) -> None:
-            export_decoder(checkpoint, path)
+            export(checkpoint, path)
             stamp(path, metadata)
     else:
-        source = model_file(checkpoint, Quant.FP32, root).path
+        source = model_file(checkpoint, Quant.FP32, root, graph).path
 
         def build(path: Path) -> None:
             derive(quant, source, path)

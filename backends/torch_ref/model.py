@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backends.base import CacheFullError, KVCache, PagedKVCache, UnsupportedModel
+from backends.base import CacheFullError, KVCache, PagedKVCache, UnsupportedModel, rank_within
 from backends.checkpoint import ModelConfig
 from backends.strategies import Attention
 
@@ -209,14 +209,6 @@ class PackedContext(AttentionContext):
         return out
 
 
-def rank_within(groups: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For packed items (N,) of `groups`: each item's rank among the earlier items of its group, and each
-    group's count (n_groups,)."""
-    one_hot = F.one_hot(groups, n_groups)  # (N, n_groups)
-    rank = one_hot.cumsum(dim=0).gather(1, groups[:, None])[:, 0] - 1
-    return rank, one_hot.sum(dim=0)
-
-
 def causal_mask(query_slots: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
     """(B, 1, T, S): a query at slot s sees valid keys at slots <= s, and always itself (so padding never NaNs)."""
     key_slots = torch.arange(key_valid.shape[1], device=key_valid.device)
@@ -338,26 +330,9 @@ class TorchPagedKVCache(PagedKVCache):
     def allocated_bytes(self) -> int:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
-    def physical_slots(self, tables: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
-        """Pool slots of logical slots (..., S) through the block tables (..., M) of their sequences."""
-        blocks = tables.gather(-1, logical // self._block_size)
-        return blocks * self._block_size + logical % self._block_size
-
-    def slot_mapping(self, tables: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
-        """Pool slots (N,) where new tokens at logical slots (N,) are written (vLLM's slot mapping)."""
-        return self.physical_slots(tables, logical[:, None])[:, 0]
-
     def begin(self, positions, seqs, block_tables, context_lens) -> PackedContext:
         """Write packed tokens through their block tables (forward_paged in base.py); build their context."""
-        rank, counts = rank_within(seqs, block_tables.shape[0])
-        logical = context_lens[seqs] - counts[seqs] + rank  # (N,)
-        width = int(-(-int(context_lens[seqs].max()) // self._block_size))  # blocks the longest sequence needs
-        tables = block_tables[:, :width]
-        needed = torch.arange(width, device=seqs.device)[None, :] * self._block_size < context_lens[:, None]
-        if bool(((tables < 0) | (tables >= self._n_blocks))[needed & (counts[:, None] > 0)].any()):
-            raise ValueError(f"block tables {block_tables.tolist()} lack a valid block for context lengths "
-                             f"{context_lens.tolist()} in a pool of {self._n_blocks} blocks")
-        tables = tables.clamp(min=0)  # entries past a sequence's end: read, then masked below
+        logical, counts, tables = self.new_token_slots(seqs, block_tables, context_lens)
         new_slots = self.slot_mapping(tables[seqs], logical)
         self.slot_positions[new_slots] = positions
 

@@ -16,6 +16,8 @@ SERVING_COLUMNS = {
     "param.rate": "rate (req/s)",
     "metric.request_throughput": "req/s",
     "metric.output_throughput": "output tok/s",
+    "metric.goodput": "goodput (req/s)",
+    "metric.slo_met_pct": "SLO met %",
     "metric.ttft_mean_ms": "TTFT mean",
     "metric.ttft_p50_ms": "TTFT p50",
     "metric.ttft_p99_ms": "TTFT p99",
@@ -31,6 +33,22 @@ SERVING_COLUMNS = {
 UNITS = ("Latencies in ms (vLLM's definitions: TTFT to the first token, TPOT = (E2EL - TTFT)/(n_out - 1), ITL every "
          "gap, E2EL arrival to last token); throughputs count generated tokens over the run's duration. KV waste: "
          "reserved slots holding no token, over all steps. Idle time before an arrival is skipped, not slept.")
+
+
+def arrivals(row: pd.Series) -> str:
+    """How the row's requests arrived: gamma with the recorded burstiness (records before --burstiness: Poisson)."""
+    burstiness = row.get("param.burstiness")
+    if burstiness is None or pd.isna(burstiness) or burstiness == 1:
+        return "Poisson arrivals (gamma, burstiness 1)"
+    return f"gamma arrivals of burstiness {burstiness:g} (1 = Poisson; below 1 burstier)"
+
+
+def slo_note(row: pd.Series) -> str:
+    slo = row.get("param.slo")
+    if slo is None or pd.isna(slo):
+        return "Goodput: n/a (recorded before --slo)."
+    return (f"Goodput (vLLM's --goodput): requests per second meeting every objective of the SLO {slo} (milliseconds; "
+            "set with --slo NAME:MS); SLO met %: the share of requests that did.")
 
 
 def passed(frame: pd.DataFrame, function: str) -> pd.DataFrame:
@@ -62,10 +80,10 @@ def serving(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
         plot = f"batching_{backend}_{model}_{profile}.png"
         _plot(rows, f"{backend}, {model}, {profile} profile: one point per request rate", results_dir / plot)
         first = group.iloc[0]
-        notes = [f"{int(first['param.requests'])} requests, Poisson arrivals at each rate (inf: all at once), "
+        notes = [f"{int(first['param.requests'])} requests, {arrivals(first)} at each rate (inf: all at once), "
                  f"the same KV budget of {int(first['param.kv_tokens'])} tokens and at most "
                  f"{int(first['param.max_batch'])} running for every strategy. 'x static': request throughput over "
-                 "static batching's at the same rate.", UNITS]
+                 "static batching's at the same rate.", slo_note(first), UNITS]
         tables.append(Table(f"Serving: {backend}, {model}, {profile} profile", rows.reset_index(drop=True), notes, plot))
     return tables
 
@@ -99,7 +117,7 @@ def prefix_sharing(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
     rows = bench.reindex(columns=list(columns)).rename(columns=columns).sort_values(["backend", "model", "sharing"])
     first = bench.iloc[0]
     notes = [f"A {int(first['param.shared_prefix'])}-token system prompt starts the prompts of the given fraction "
-             f"of 32 requests (Poisson arrivals, {first['param.rate']:g} req/s); paged and paged-prefix serve the "
+             f"of 32 requests ({arrivals(first)}, {first['param.rate']:g} req/s); paged and paged-prefix serve the "
              "same requests side by side. Skipped %: of the shared prefix of the requests that carry it (a request "
              "admitted before the prefix was computed cannot hit)."]
     return [Table("Prefix caching: prefill skipped and TTFT by sharing", rows.reset_index(drop=True), notes)]

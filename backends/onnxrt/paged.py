@@ -1,0 +1,90 @@
+"""Paged KV on ONNX Runtime (capabilities `batching:paged`, `batching:paged-prefix`): the block pool and the
+session of the paged graph (paged_graph.py).
+
+The pool keeps one OrtValue per layer and kind, (n_blocks * block_size, Hkv, D), filled once with the caller's
+value; each step binds it as both the pool input and the present output, so the new keys and values are scattered
+in place. The host resolves each step's block tables to pool slots (base.PagedKVCache) and keeps the position each
+slot holds, as backends/torch_ref/model.TorchPagedKVCache does.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from backends.base import PagedKVCache
+from backends.checkpoint import Checkpoint
+from backends.strategies import Strategy
+
+from .graph import layer_names
+from .paged_graph import input_names, output_names
+from .runner import ELEMENT_TYPES, open_variant, run_in_place
+
+
+class OrtPagedKVCache(PagedKVCache):
+    """A pool any runner of a model of the same shape can use (models sharing a pool and its prefix cache)."""
+
+    def __init__(self, session: PagedSession, n_blocks: int, block_size: int, fill: float):
+        cfg = session.config
+        shape = (n_blocks * block_size, cfg.n_kv_heads, cfg.head_dim)
+        self.dtype = session.pool_dtype
+        self.values = [ort.OrtValue.ortvalue_from_numpy(np.full(shape, fill, self.dtype), session.device, 0)
+                       for _ in session.pool_names]
+        self.slot_positions = torch.zeros(n_blocks * block_size, dtype=torch.long)
+        self._n_blocks, self._block_size = n_blocks, block_size
+
+    @property
+    def n_blocks(self) -> int:
+        return self._n_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(int(np.prod(value.shape())) for value in self.values) * np.dtype(self.dtype).itemsize
+
+    def key_slots(self, tables: torch.Tensor, span: int) -> torch.Tensor:
+        """(N, span) pool slots of logical slots 0 .. span-1 through each token's sequence's table (N, M)."""
+        return self.physical_slots(tables, torch.arange(span).expand(tables.shape[0], span))
+
+
+class PagedSession:
+    """An onnxruntime session of the paged graph of one checkpoint under one strategy."""
+
+    def __init__(self, checkpoint: Checkpoint, strategy: Strategy):
+        self.config = checkpoint.config
+        self.session = open_variant(checkpoint, strategy, "paged", input_names(self.config), output_names(self.config))
+        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        self.pool_names = layer_names(self.config, "pool")
+        self.present_names = layer_names(self.config, "present_pool")
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.pool_dtype = ELEMENT_TYPES[inputs[self.pool_names[0]].type]
+
+    def check_pool(self, cache) -> None:
+        cfg = self.config
+        shape = [cfg.n_kv_heads, cfg.head_dim]
+        if not (isinstance(cache, OrtPagedKVCache) and len(cache.values) == len(self.pool_names)
+                and cache.dtype == self.pool_dtype and cache.values[0].shape()[1:] == shape):
+            raise TypeError(f"cache of type {type(cache).__name__} is not an onnxrt block pool of this model's shape "
+                            f"({len(self.pool_names)} tensors of (slots, {shape[0]}, {shape[1]}) "
+                            f"{self.pool_dtype.__name__})")
+
+    def run(self, cache: OrtPagedKVCache, tokens, positions, seqs, block_tables, context_lens) -> torch.Tensor:
+        """forward_paged (base.py): (N,) packed tokens -> (N, V) logits."""
+        self.check_pool(cache)
+        tokens, positions, seqs, block_tables, context_lens = (
+            x.cpu().long() for x in (tokens, positions, seqs, block_tables, context_lens))
+        logical, _, tables = cache.new_token_slots(seqs, block_tables, context_lens)
+        token_tables = tables[seqs]  # (N, M)
+        new_slots = cache.slot_mapping(token_tables, logical)
+        span = int(context_lens[seqs].max())
+        key_slots = cache.key_slots(token_tables, span)  # (N, S)
+        cache.slot_positions[new_slots] = positions
+        feeds = {"input_ids": tokens[:, None], "position_ids": positions[:, None], "slot_mapping": new_slots[:, None],
+                 "key_slots": key_slots,
+                 "key_allowed": torch.arange(span)[None, :] <= logical[:, None],  # its sequence's slots up to its own
+                 "key_position_ids": cache.slot_positions[key_slots]}
+        logits = run_in_place(self.session, feeds, list(zip(self.pool_names, self.present_names, cache.values)))
+        return logits[:, 0]
