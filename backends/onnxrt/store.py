@@ -28,6 +28,7 @@ from backends.cache import cache_root
 from backends.checkpoint import Checkpoint
 from backends.strategies import Quant
 
+from .fused_graph import export_fused_decoder, fused_graph_refusal
 from .graph import CONFIG_METADATA, export_decoder, stamp
 from .quantize import derive
 
@@ -117,9 +118,15 @@ def fetch(key: dict[str, str], build: Callable[[Path], None], root: Path | None 
     return Entry(final / MODEL_FILE, True, seconds)
 
 
+def graph_kind(checkpoint: Checkpoint) -> str:
+    """'fused' (fused_graph.py) where its contrib ops express the model exactly, else 'general' (graph.py)."""
+    return "general" if fused_graph_refusal(checkpoint.config) else "fused"
+
+
 def model_key(checkpoint: Checkpoint, quant: Quant) -> dict[str, str]:
     """What a model file depends on: configuration and weights (the fingerprint), strategy, and the exporter."""
     return {"fingerprint": checkpoint.fingerprint(), "strategy": quant.value, "format": FORMAT_VERSION,
+            "graph": graph_kind(checkpoint),
             "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
@@ -128,11 +135,11 @@ def model_file(checkpoint: Checkpoint, quant: Quant, root: Path | None = None) -
     key = model_key(checkpoint, quant)
     metadata = {CONFIG_METADATA: json.dumps(checkpoint.config.to_dict(), sort_keys=True),
                 "exactbench.model": checkpoint.name, "exactbench.fingerprint": key["fingerprint"],
-                "exactbench.strategy": quant.value, "exactbench.format": FORMAT_VERSION,
+                "exactbench.strategy": quant.value, "exactbench.format": FORMAT_VERSION, "exactbench.graph": key["graph"],
                 "exactbench.contract": "decoder step with an in-place KV cache: see backends/onnxrt/graph.py"}
     if quant == Quant.FP32:
         def build(path: Path) -> None:
-            export_decoder(checkpoint, path)
+            (export_fused_decoder if key["graph"] == "fused" else export_decoder)(checkpoint, path)
             stamp(path, metadata)
     else:
         source = model_file(checkpoint, Quant.FP32, root).path
