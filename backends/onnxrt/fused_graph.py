@@ -80,15 +80,33 @@ class GraphBuilder:
     def __init__(self):
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self.value_info: list[onnx.ValueInfoProto] = []
 
     def constant(self, name: str, array) -> str:
         self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], name: str, n_outputs: int = 1, domain: str = "", **attrs) -> list[str]:
-        outputs = [f"{name}/out{i}" for i in range(n_outputs)]
+    def op(self, op_type: str, inputs: list[str], name: str, n_outputs: int = 1, domain: str = "",
+           float_outputs: bool = False, outputs: list[str] | None = None, **attrs) -> list[str]:
+        """Outputs named `name`/out<i> unless given ("" leaves one uncomputed). float_outputs: declare those fp32,
+        for ops onnx's shape inference does not know (contrib ops), so the quantizers can type what they read."""
+        outputs = outputs or [f"{name}/out{i}" for i in range(n_outputs)]
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, domain=domain, **attrs))
+        if float_outputs:
+            self.value_info += [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)
+                                for out in outputs if out.startswith(f"{name}/")]
         return outputs
+
+    def norm(self, inputs: list[str], weight: torch.Tensor, name: str, eps: float) -> tuple[str, str]:
+        """RMSNorm of inputs[0] (+ inputs[1], the residual, fused in): (normed, the residual sum)."""
+        inputs = [*inputs, self.constant(f"{name}.weight", weight.detach().float().numpy())]
+        if len(inputs) == 2:
+            return self.op("SimplifiedLayerNormalization", inputs, name, float_outputs=True, axis=-1, epsilon=eps,
+                           stash_type=1)[0], inputs[0]
+        # outputs 1 and 2 (mean, inverse std) are not computed
+        normed, _, _, sum_ = self.op("SkipSimplifiedLayerNormalization", inputs, name, domain=CONTRIB,
+                                     float_outputs=True, outputs=[f"{name}/out0", "", "", f"{name}/out3"], epsilon=eps)
+        return normed, sum_
 
     def one(self, op_type: str, inputs: list[str], name: str, **attrs) -> str:
         return self.op(op_type, inputs, name, **attrs)[0]
@@ -143,39 +161,31 @@ def build_fused_decoder(checkpoint: Checkpoint) -> onnx.ModelProto:
     x = g.one("Gather", [g.constant("embed_tokens.weight", body.embed_tokens.weight.detach().float().numpy()),
                          "input_ids"], "embed")
     past, present = layer_names(config, "past_key_values"), layer_names(config, "present")
-    residual, normed = None, None
+    # RMSNorm of the residual stream; each later norm fuses the residual add before it
+    normed, residual = g.norm([x], body.layers[0].input_layernorm.weight, "layers.0.input_norm", eps)
     for i, layer in enumerate(body.layers):
         attn = layer.self_attn
-        # RMSNorm of the residual stream; from layer 1 on, the previous layer's residual add is fused in
-        if residual is None:
-            normed = g.one("SimplifiedLayerNormalization", [x, g.constant(f"layers.{i}.input_norm",
-                           layer.input_layernorm.weight.detach().float().numpy())], f"layers.{i}/input_norm",
-                           axis=-1, epsilon=eps, stash_type=1)
-            residual = x
         qkv = g.linear(normed, *concat_linear(attn.q_proj, attn.k_proj, attn.v_proj), f"layers.{i}.qkv_proj")
         gqa_inputs = [qkv, "", "", past[2 * i], past[2 * i + 1], seqlens_k, total_length, "cos_cache", "sin_cache",
                       "position_ids", attention_bias, "", "", "", "", "", query_seqlens]
-        attended = g.op("GroupQueryAttention", gqa_inputs, f"layers.{i}/attention", n_outputs=3, domain=CONTRIB,
+        attended = g.op("GroupQueryAttention", gqa_inputs, f"layers.{i}/attention", domain=CONTRIB, float_outputs=True,
+                        outputs=[f"layers.{i}/attention/out0", present[2 * i], present[2 * i + 1]],
                         num_heads=config.n_heads, kv_num_heads=config.n_kv_heads, do_rotary=1, rotary_interleaved=0, causal=1,
                         scale=1.0 / math.sqrt(config.query_pre_attn_scalar or config.head_dim))
-        g.nodes[-1].output[1:] = [present[2 * i], present[2 * i + 1]]
         out = g.linear(attended[0], attn.o_proj.weight, attn.o_proj.bias, f"layers.{i}.o_proj")
-        normed, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [out, residual, g.constant(
-            f"layers.{i}.post_attention_norm", layer.post_attention_layernorm.weight.detach().float().numpy())],
-            f"layers.{i}/post_attention_norm", n_outputs=4, domain=CONTRIB, epsilon=eps)
+        normed, residual = g.norm([out, residual], layer.post_attention_layernorm.weight,
+                                  f"layers.{i}.post_attention_norm", eps)
         mlp = layer.mlp
         gate = g.linear(normed, mlp.gate_proj.weight, None, f"layers.{i}.gate_proj")
         up = g.linear(normed, mlp.up_proj.weight, None, f"layers.{i}.up_proj")
         silu = g.one("Mul", [gate, g.one("Sigmoid", [gate], f"layers.{i}/sigmoid")], f"layers.{i}/silu")
         down = g.linear(g.one("Mul", [silu, up], f"layers.{i}/gated"), mlp.down_proj.weight, mlp.down_proj.bias,
                         f"layers.{i}.down_proj")
-        next_norm = body.layers[i + 1].input_layernorm if i + 1 < len(body.layers) else body.norm
-        name = f"layers.{i + 1}/input_norm" if i + 1 < len(body.layers) else "final_norm"
-        normed, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [down, residual, g.constant(
-            f"{name}.weight", next_norm.weight.detach().float().numpy())], name, n_outputs=4, domain=CONTRIB,
-            epsilon=eps)
-    logits = g.linear(normed, model.lm_head.weight, None, "lm_head")
-    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
+        last = i + 1 == len(body.layers)
+        normed, residual = g.norm([down, residual], (body.norm if last else body.layers[i + 1].input_layernorm).weight,
+                                  "final_norm" if last else f"layers.{i + 1}.input_norm", eps)
+    g.linear(normed, model.lm_head.weight, None, "lm_head")
+    g.nodes[-1].output[0] = "logits"  # the head's MatMul writes the graph output itself (no Identity copy)
 
     batch, seq, width_dim, capacity = "batch", "seq", "kv_len", "capacity"
     kv_shape = [batch, config.n_kv_heads, capacity, config.head_dim]
@@ -188,7 +198,7 @@ def build_fused_decoder(checkpoint: Checkpoint) -> onnx.ModelProto:
         g.nodes, "exactbench_fused_decoder",
         [helper.make_tensor_value_info(n, *shapes[n]) for n in input_names(config)],
         [helper.make_tensor_value_info(n, *shapes[n]) for n in output_names(config)],
-        g.initializers)
+        g.initializers, value_info=g.value_info)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(CONTRIB, 1)],
                              producer_name="exactbench")
 
