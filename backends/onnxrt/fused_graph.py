@@ -39,7 +39,7 @@ from .graph import OPSET, check_exportable, input_names, layer_names, output_nam
 CONTRIB = "com.microsoft"
 STATIC_ROPE_SCALINGS = (None, "linear", "ntk", "llama3", "yarn")  # tables that depend on the position alone
 MIN_ROPE_TABLE = 4096  # rotary rows tabulated at least; a position past the table is refused by the runner
-GQA_HEAD_DIMS = (32, 64, 96, 128, 256)  # head sizes GroupQueryAttention is exercised at (ORT's tests)
+GQA_HEAD_DIM_MULTIPLE = 16  # GroupQueryAttention's rotary kernel refuses other head sizes ("head_size shall be ...")
 
 
 def fused_graph_refusal(config: ModelConfig) -> str | None:
@@ -49,7 +49,7 @@ def fused_graph_refusal(config: ModelConfig) -> str | None:
         (config.rope_scaling is None or config.rope_scaling.kind in STATIC_ROPE_SCALINGS,
          f"RoPE scaling {config.rope_scaling.kind if config.rope_scaling else None!r} depends on the sequence length"),
         (config.rotary_fraction == 1.0, "partial rotary"),
-        (config.head_dim in GQA_HEAD_DIMS, f"head_dim {config.head_dim}"),
+        (config.head_dim % GQA_HEAD_DIM_MULTIPLE == 0, f"head_dim {config.head_dim} (not a multiple of 16)"),
         (config.sliding_window is None, "a sliding window by position"),
         (config.norm == "rmsnorm", f"norm {config.norm!r}"),
         (config.mlp == "swiglu", f"mlp {config.mlp!r}"),

@@ -83,6 +83,7 @@ class OrtKVCache(KVCache):
         self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool)
         self.positions = torch.zeros(batch_size, capacity, dtype=torch.long)
         self._lengths = torch.zeros(batch_size, dtype=torch.long)
+        self.bindings: dict[tuple[int, int], ort.IOBinding] = {}  # (first row, rows): OrtRunner._cache_binding
 
     @property
     def capacity(self) -> int:
@@ -137,6 +138,7 @@ class OrtRunner(ModelRunner, PackedStepRunner):
         self.past_names = layer_names(self.config, "past_key_values")
         self.present_names = layer_names(self.config, "present")
         self.cache_dtype = ELEMENT_TYPES[past[self.past_names[0]].type]
+        self.feed_names = input_names(self.config)[: -len(self.past_names)]  # the inputs bound anew each step
 
     @property
     def implementation(self) -> str:
@@ -211,12 +213,29 @@ class OrtRunner(ModelRunner, PackedStepRunner):
         lengths = cache.lengths[picked] + n_new
         seen = int(lengths.max()) if lengths.numel() else 0
 
-        binding = self.session.io_binding()
+        binding = self._cache_binding(cache, first, n_rows)
         feeds = {"input_ids": tokens, "position_ids": positions, "cache_position": slots,
                  "attention_mask": cache.valid[picked, :seen], "key_position_ids": cache.positions[picked, :seen]}
-        for name in input_names(self.config)[: -len(self.past_names)]:
+        for name in self.feed_names:
             binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name].numpy()))
-        binding.bind_output("logits", "cpu")  # first bound, so first in get_outputs()
+        logits = torch.empty(n_rows, n_new, self.config.vocab_size)  # written by the session: no copy out
+        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.data_ptr())
+        try:
+            self.session.run_with_iobinding(binding)
+        except BaseException:
+            cache.valid[rows, slots] = False  # slots past a row's length are invalid, as truncate leaves them
+            raise
+        cache._lengths[picked] = lengths
+        return logits
+
+    def _cache_binding(self, cache: OrtKVCache, first: int, n_rows: int) -> ort.IOBinding:
+        """An IO binding with rows first .. first + n_rows - 1 of the cache bound as both past and present, so the
+        session writes the new keys and values in place; made once per row range and reused by every step (binding
+        the cache is most of a decode step's Python time)."""
+        key = (first, n_rows)
+        if key in cache.bindings:
+            return cache.bindings[key]
+        binding = self.session.io_binding()
         for past, present, value in zip(self.past_names, self.present_names, cache.values):
             if n_rows == cache.lengths.shape[0]:
                 binding.bind_ortvalue_input(past, value)
@@ -226,13 +245,8 @@ class OrtRunner(ModelRunner, PackedStepRunner):
                 address = value.data_ptr() + first * int(np.prod(shape[1:])) * np.dtype(self.cache_dtype).itemsize
                 binding.bind_input(past, value.device_name(), 0, self.cache_dtype, shape, address)
                 binding.bind_output(present, value.device_name(), 0, self.cache_dtype, shape, address)
-        try:
-            self.session.run_with_iobinding(binding)
-        except BaseException:
-            cache.valid[rows, slots] = False  # slots past a row's length are invalid, as truncate leaves them
-            raise
-        cache._lengths[picked] = lengths
-        return torch.from_numpy(binding.get_outputs()[0].numpy())
+        cache.bindings[key] = binding
+        return binding
 
     def forward_full(self, tokens, positions, token_mask=None):
         """Every token at once into an empty cache of exactly that size: the same graph with no past."""
