@@ -19,7 +19,7 @@ from backends.base import CacheFullError, KVCache, ModelRunner, PackedStepRunner
 from backends.checkpoint import Checkpoint, ModelConfig
 from backends.strategies import Strategy
 
-from .graph import CONFIG_METADATA, input_names, layer_names, output_names
+from .graph import CONFIG_METADATA, GRAPH_METADATA, input_names, layer_names, output_names
 
 ELEMENT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -144,7 +144,8 @@ class OrtRunner(ModelRunner, PackedStepRunner):
     def implementation(self) -> str:
         from .quantize import IMPLEMENTATION
 
-        return IMPLEMENTATION[self.strategy.quant]
+        graph = self.session.get_modelmeta().custom_metadata_map.get(GRAPH_METADATA)  # store.graph_kind's choice
+        return IMPLEMENTATION[self.strategy.quant] + (f", {graph} graph" if graph else "")
 
     def new_cache(self, batch_size: int, capacity: int) -> OrtKVCache:
         cfg = self.config

@@ -29,7 +29,7 @@ from backends.checkpoint import Checkpoint
 from backends.strategies import Quant
 
 from .fused_graph import export_fused_decoder, fused_graph_refusal
-from .graph import CONFIG_METADATA, export_decoder, stamp
+from .graph import CONFIG_METADATA, GRAPH_METADATA, export_decoder, stamp
 from .quantize import derive
 
 MODEL_FILE = "model.onnx"
@@ -135,7 +135,7 @@ def model_file(checkpoint: Checkpoint, quant: Quant, root: Path | None = None) -
     key = model_key(checkpoint, quant)
     metadata = {CONFIG_METADATA: json.dumps(checkpoint.config.to_dict(), sort_keys=True),
                 "exactbench.model": checkpoint.name, "exactbench.fingerprint": key["fingerprint"],
-                "exactbench.strategy": quant.value, "exactbench.format": FORMAT_VERSION, "exactbench.graph": key["graph"],
+                "exactbench.strategy": quant.value, "exactbench.format": FORMAT_VERSION, GRAPH_METADATA: key["graph"],
                 "exactbench.contract": "decoder step with an in-place KV cache: see backends/onnxrt/graph.py"}
     if quant == Quant.FP32:
         def build(path: Path) -> None:
