@@ -197,36 +197,40 @@ class OrtRunner(ModelRunner, PackedStepRunner):
             raise TypeError(f"cache of type {type(cache).__name__} was not made by this runner")
 
     def _check_vocabulary(self, tokens: torch.Tensor) -> None:
-        outside = (tokens < 0) | (tokens >= self.config.vocab_size)
-        if bool(outside.any()):
-            raise ValueError(f"token id {int(tokens[outside][0])} is outside the vocabulary: accepted "
-                             f"[0, {self.config.vocab_size})")
+        ids = tokens.numpy()
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            bad = ids[(ids < 0) | (ids >= self.config.vocab_size)][0]
+            raise ValueError(f"token id {int(bad)} is outside the vocabulary: accepted [0, {self.config.vocab_size})")
 
     def _run(self, cache: OrtKVCache, first: int, tokens, positions, mask) -> torch.Tensor:
-        """Run (b, T) tokens on cache rows first .. first + b - 1, whose slots have room; (b, T, V) logits."""
+        """Run (b, T) tokens on cache rows first .. first + b - 1, whose slots have room; (b, T, V) logits.
+
+        The bookkeeping runs on numpy views of the cache's tensors: on arrays this small numpy's indexing costs a
+        microsecond where torch's costs ten, and a decode step's Python time is a visible part of its time."""
         n_rows, n_new = tokens.shape
         picked = slice(first, first + n_rows)
+        valid, held, start = cache.valid.numpy(), cache.positions.numpy(), cache.lengths.numpy()[picked]
         # the slots this call fills, as TorchKVCache.begin; the lengths advance only once the run succeeds
-        slots = cache.lengths[picked, None] + torch.arange(n_new)  # (b, T)
-        rows = torch.arange(first, first + n_rows)[:, None]
-        cache.valid[rows, slots] = mask
-        cache.positions[rows, slots] = positions
-        lengths = cache.lengths[picked] + n_new
-        seen = int(lengths.max()) if lengths.numel() else 0
+        slots = start[:, None] + np.arange(n_new)  # (b, T)
+        rows = np.arange(first, first + n_rows)[:, None]
+        valid[rows, slots] = mask.numpy()
+        held[rows, slots] = positions.numpy()
+        lengths = start + n_new
+        seen = int(lengths.max()) if lengths.size else 0
 
         binding = self._cache_binding(cache, first, n_rows)
-        feeds = {"input_ids": tokens, "position_ids": positions, "cache_position": slots,
-                 "attention_mask": cache.valid[picked, :seen], "key_position_ids": cache.positions[picked, :seen]}
+        feeds = {"input_ids": tokens.numpy(), "position_ids": positions.numpy(), "cache_position": slots,
+                 "attention_mask": valid[picked, :seen], "key_position_ids": held[picked, :seen]}
         for name in self.feed_names:
-            binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name].numpy()))
+            binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
         logits = torch.empty(n_rows, n_new, self.config.vocab_size)  # written by the session: no copy out
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.data_ptr())
         try:
             self.session.run_with_iobinding(binding)
         except BaseException:
-            cache.valid[rows, slots] = False  # slots past a row's length are invalid, as truncate leaves them
+            valid[rows, slots] = False  # slots past a row's length are invalid, as truncate leaves them
             raise
-        cache._lengths[picked] = lengths
+        cache._lengths[picked] = torch.from_numpy(lengths)
         return logits
 
     def _cache_binding(self, cache: OrtKVCache, first: int, n_rows: int) -> ort.IOBinding:
