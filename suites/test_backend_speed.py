@@ -126,7 +126,7 @@ def decode_genai(model, prompt: torch.Tensor) -> tuple[float, list[list[int]]]:
 
 @pytest.mark.bench
 @pytest.mark.parametrize("batch", [1, 8])
-def test_decode_against_onnxruntime_genai(backend, load_runner, checkpoint, quant, batch, tmp_path_factory,
+def test_onnxrt_beside_onnxruntime_genai(backend, load_runner, checkpoint, quant, batch, tmp_path_factory,
                                           benchmark, record):
     """Decode tokens/s of the onnxrt backend beside onnxruntime-genai's on the same weights and format, interleaved
     round by round; both sessions at ONNX Runtime's default thread count."""
