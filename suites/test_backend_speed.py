@@ -61,3 +61,104 @@ def test_tokens_per_second(backend, load_runner, checkpoint, quant, phase, batch
            ratio_to_torch_fp32=tokens_per_s / baseline_tokens_per_s)
     # per-round ratios of the interleaved pairs: the spread the regression gate tests a change against
     record.samples(ratio_to_torch_fp32=[b / r for r, b in zip(runner_s[warm], baseline_s[warm])])
+
+
+# --- onnxrt against onnxruntime-genai, ONNX Runtime's own LLM engine (issue 14) ------------------------------
+GENAI_PRECISIONS = {  # our strategy -> the model builder's precision and extra options (same format: symmetric
+    Quant.FP32: ("fp32", []),  # 4-bit blocks along the input dimension, accuracy level 4)
+    Quant.INT4_BLOCK32: ("int4", ["int4_block_size=32", "int4_accuracy_level=4"]),
+    Quant.INT4_BLOCK128: ("int4", ["int4_block_size=128", "int4_accuracy_level=4"]),
+}
+GENAI_PROMPT_TOKENS, GENAI_NEW_TOKENS = 64, 128
+_GENAI_MODELS: dict[tuple[str, Quant], object] = {}
+
+
+def genai_model(checkpoint, quant: Quant, root):
+    """onnxruntime-genai's model of `checkpoint`, built once per session by its model builder, offline from the
+    checkpoint's own directory (the builder reads config.json, the safetensors and the tokenizer)."""
+    import subprocess
+    import sys
+
+    import onnxruntime_genai as og
+
+    key = (checkpoint.fingerprint(), quant)
+    if key not in _GENAI_MODELS:
+        precision, extra = GENAI_PRECISIONS[quant]
+        out = root / f"{checkpoint.fingerprint()}-{quant.value}"
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint.directory),
+                   "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(root / "builder-cache")]
+        subprocess.run(command + (["--extra_options", *extra] if extra else []), check=True, capture_output=True,
+                       timeout=600)
+        _GENAI_MODELS[key] = og.Model(str(out))
+    return _GENAI_MODELS[key]
+
+
+def decode_ours(runner: ModelRunner, prompt: torch.Tensor) -> tuple[float, list[list[int]]]:
+    """Seconds for GENAI_NEW_TOKENS - 1 greedy decode steps after an untimed prefill, and the tokens chosen."""
+    batch = prompt.shape[0]
+    cache = runner.new_cache(batch, GENAI_PROMPT_TOKENS + GENAI_NEW_TOKENS)
+    chosen = runner.forward(cache, prompt, torch.arange(GENAI_PROMPT_TOKENS).expand(batch, -1))[:, -1:].argmax(-1)
+    tokens = [chosen]
+    start = time.perf_counter()
+    for position in range(GENAI_PROMPT_TOKENS, GENAI_PROMPT_TOKENS + GENAI_NEW_TOKENS - 1):
+        chosen = runner.forward(cache, chosen, torch.full((batch, 1), position))[:, -1:].argmax(-1)
+        tokens.append(chosen)
+    return time.perf_counter() - start, torch.cat(tokens, dim=1).tolist()
+
+
+def decode_genai(model, prompt: torch.Tensor) -> tuple[float, list[list[int]]]:
+    """The same with onnxruntime-genai's generator: append_tokens runs the prompt, each generate_next_token picks
+    a token and runs it."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    total = GENAI_PROMPT_TOKENS + GENAI_NEW_TOKENS
+    params.set_search_options(max_length=total, min_length=total, do_sample=False, batch_size=prompt.shape[0])
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt.numpy().astype("int32"))
+    start = time.perf_counter()
+    for _ in range(GENAI_NEW_TOKENS - 1):
+        generator.generate_next_token()
+    seconds = time.perf_counter() - start
+    generator.generate_next_token()  # picks the last token from the last step's logits, as decode_ours did
+    return seconds, [list(generator.get_sequence(row))[GENAI_PROMPT_TOKENS:total] for row in range(prompt.shape[0])]
+
+
+@pytest.mark.bench
+@pytest.mark.parametrize("batch", [1, 8])
+def test_onnxrt_beside_onnxruntime_genai(backend, load_runner, checkpoint, quant, batch, tmp_path_factory,
+                                          benchmark, record):
+    """Decode tokens/s of the onnxrt backend beside onnxruntime-genai's on the same weights and format, interleaved
+    round by round; both sessions at ONNX Runtime's default thread count."""
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed: pip install onnxruntime-genai")
+    if backend.name != "onnxrt":
+        pytest.skip(f"backend {backend.name!r}: onnxruntime-genai is compared with the onnxrt backend only")
+    if quant not in GENAI_PRECISIONS:
+        pytest.skip(f"{quant.value}: onnxruntime-genai's builder has no same format; compared: "
+                    f"{', '.join(q.value for q in GENAI_PRECISIONS)}")
+    if checkpoint.directory is None or not (checkpoint.directory / "tokenizer.json").is_file():
+        pytest.skip(f"{checkpoint.name}: onnxruntime-genai's model builder needs the model's directory with a tokenizer")
+    runner = load_runner(checkpoint, Strategy(quant))
+    model = genai_model(checkpoint, quant, tmp_path_factory.getbasetemp() / "onnxruntime-genai")
+    prompt = torch.randint(1, checkpoint.config.vocab_size, (batch, GENAI_PROMPT_TOKENS),
+                           generator=torch.Generator().manual_seed(5))
+    ours_s, genai_s, tokens = [], [], {}
+
+    def ours_round():
+        seconds, tokens["ours"] = decode_ours(runner, prompt)
+        ours_s.append(seconds)
+
+    def genai_round():
+        seconds, tokens["genai"] = decode_genai(model, prompt)
+        genai_s.append(seconds)
+
+    benchmark.pedantic(ours_round, setup=genai_round, rounds=ROUNDS, warmup_rounds=1)
+    assert all(len(row) == GENAI_NEW_TOKENS for row in tokens["genai"]), "onnxruntime-genai stopped early"
+    warm = slice(len(ours_s) - ROUNDS, None)
+    n_tokens = batch * (GENAI_NEW_TOKENS - 1)
+    same_rows = sum(a == b for a, b in zip(tokens["ours"], tokens["genai"]))
+    record.params(prompt_tokens=GENAI_PROMPT_TOKENS, decode_tokens=GENAI_NEW_TOKENS - 1, peer="onnxruntime-genai",
+                  implementation=runner.implementation)
+    record(tokens_per_s=n_tokens / median(ours_s[warm]), genai_tokens_per_s=n_tokens / median(genai_s[warm]),
+           ratio_to_genai=median(genai_s[warm]) / median(ours_s[warm]), same_token_rows=same_rows / batch)
+    record.samples(ratio_to_genai=[g / o for o, g in zip(ours_s[warm], genai_s[warm])])

@@ -42,6 +42,10 @@ class OnnxRuntimeBackend(Backend):
             + [f"batching:{b.value}" for b in Batching]  # paged: a gather of pool slots inside the graph
             + ["kv-cache", "ragged-batch", "cache-rollback", "onnx-export"]
         )
+    # Two graphs serve these, chosen per model (store.graph_kind): the fused graph (fused_graph.py: ONNX Runtime's
+    # GroupQueryAttention, fused RMSNorms) for RoPE Llama-style models it expresses exactly, every capability above
+    # included; graph.py's general export for the rest (ALiBi, learned/sinusoidal positions, dynamic-NTK and
+    # LongRoPE, partial rotary, head_dim not a multiple of 16, sliding windows, Gemma, Qwen3, GPT-2, GPT-NeoX).
 
     def load(self, checkpoint: Checkpoint, strategy: Strategy) -> ModelRunner:
         self.check_strategy(strategy)

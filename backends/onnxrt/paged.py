@@ -31,6 +31,7 @@ class OrtPagedKVCache(PagedKVCache):
         self.values = [ort.OrtValue.ortvalue_from_numpy(np.full(shape, fill, self.dtype), session.device, 0)
                        for _ in session.pool_names]
         self.slot_positions = torch.zeros(n_blocks * block_size, dtype=torch.long)
+        self.bindings: dict = {}  # session -> (its binding of this pool, its other inputs): runner.run_in_place
         self._n_blocks, self._block_size = n_blocks, block_size
 
     @property
@@ -86,5 +87,6 @@ class PagedSession:
                  "key_slots": key_slots,
                  "key_allowed": torch.arange(span)[None, :] <= logical[:, None],  # its sequence's slots up to its own
                  "key_position_ids": cache.slot_positions[key_slots]}
-        logits = run_in_place(self.session, feeds, list(zip(self.pool_names, self.present_names, cache.values)))
+        logits = run_in_place(self.session, feeds, list(zip(self.pool_names, self.present_names, cache.values)),
+                              cache.bindings, (len(tokens), 1, self.config.vocab_size))
         return logits[:, 0]

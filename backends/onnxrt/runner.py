@@ -23,7 +23,7 @@ from backends.checkpoint import Checkpoint, ModelConfig
 from backends.strategies import Strategy
 
 from . import packed_graph
-from .graph import CONFIG_METADATA, input_names, layer_names, output_names
+from .graph import CONFIG_METADATA, GRAPH_METADATA, input_names, layer_names, output_names
 
 ELEMENT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -93,22 +93,30 @@ def open_variant(checkpoint: Checkpoint, strategy: Strategy, graph: str, inputs:
     return session
 
 
-def run_in_place(session: ort.InferenceSession, feeds: dict[str, torch.Tensor],
-                 caches: list[tuple[str, str, ort.OrtValue]]) -> torch.Tensor:
+def run_in_place(session: ort.InferenceSession, feeds: dict[str, np.ndarray | torch.Tensor],
+                 caches: list[tuple[str, str, ort.OrtValue]], bindings: dict, logits_shape: tuple[int, ...]
+                 ) -> torch.Tensor:
     """Run `session` on CPU `feeds` (every input it has that is not a cache) and its caches, each (input name,
     output name, buffer) bound as both input and output: the graph's present is its past with the new slots
-    written, so the update is in place. Returns the logits."""
-    binding = session.io_binding()
-    cache_inputs = {name for name, _, _ in caches}
-    for spec in session.get_inputs():
-        if spec.name not in cache_inputs:
-            binding.bind_cpu_input(spec.name, np.ascontiguousarray(feeds[spec.name].numpy()))
-    binding.bind_output("logits", "cpu")  # first bound, so first in get_outputs()
-    for past, present, value in caches:
-        binding.bind_ortvalue_input(past, value)
-        binding.bind_ortvalue_output(present, value)
+    written, so the update is in place. The caches are bound once per session and kept in `bindings` (the cache's
+    own dict), then reused every step: binding them is most of a decode step's Python time. Returns the logits,
+    written by the session straight into the returned tensor."""
+    if session not in bindings:
+        binding = session.io_binding()
+        for past, present, value in caches:
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        cache_inputs = {name for name, _, _ in caches}
+        bindings[session] = binding, [i.name for i in session.get_inputs() if i.name not in cache_inputs]
+    binding, feed_names = bindings[session]
+    arrays = [np.ascontiguousarray(feeds[name].numpy() if isinstance(feeds[name], torch.Tensor) else feeds[name])
+              for name in feed_names]  # held until the run: a binding may point into them
+    for name, array in zip(feed_names, arrays):
+        binding.bind_cpu_input(name, array)
+    logits = torch.empty(logits_shape)
+    binding.bind_output("logits", "cpu", 0, np.float32, list(logits_shape), logits.data_ptr())
     session.run_with_iobinding(binding)
-    return torch.from_numpy(binding.get_outputs()[0].numpy())
+    return logits
 
 
 class OrtKVCache(KVCache):
@@ -121,6 +129,7 @@ class OrtKVCache(KVCache):
         self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool)
         self.positions = torch.zeros(batch_size, capacity, dtype=torch.long)
         self._lengths = torch.zeros(batch_size, dtype=torch.long)
+        self.bindings: dict = {}  # session -> (its binding of these buffers, its other inputs): run_in_place
 
     @property
     def capacity(self) -> int:
@@ -171,7 +180,8 @@ class OrtRunner(ModelRunner, PackedStepRunner, PagedRunner):
     def implementation(self) -> str:
         from .quantize import IMPLEMENTATION
 
-        return IMPLEMENTATION[self.strategy.quant]
+        graph = self.session.get_modelmeta().custom_metadata_map.get(GRAPH_METADATA)  # store.graph_kind's choice
+        return IMPLEMENTATION[self.strategy.quant] + (f", {graph} graph" if graph else "")
 
     def new_cache(self, batch_size: int, capacity: int) -> OrtKVCache:
         cfg = self.config
@@ -220,7 +230,8 @@ class OrtRunner(ModelRunner, PackedStepRunner, PagedRunner):
                  "key_allowed": cache.valid[rows, :span] & (torch.arange(span)[None, :] <= slots[:, None]),
                  "key_position_ids": cache.positions[rows, :span]}
         try:
-            logits = run_in_place(self.packed, feeds, self.cache_bindings(cache))
+            logits = run_in_place(self.packed, feeds, self.cache_bindings(cache), cache.bindings,
+                                  (len(tokens), 1, self.config.vocab_size))
         except BaseException:
             cache.valid[rows, slots] = False  # slots past a row's length are invalid, as truncate leaves them
             raise
@@ -256,29 +267,34 @@ class OrtRunner(ModelRunner, PackedStepRunner, PagedRunner):
             raise TypeError(f"cache of type {type(cache).__name__} was not made by this runner")
 
     def _check_vocabulary(self, tokens: torch.Tensor) -> None:
-        outside = (tokens < 0) | (tokens >= self.config.vocab_size)
-        if bool(outside.any()):
-            raise ValueError(f"token id {int(tokens[outside][0])} is outside the vocabulary: accepted "
-                             f"[0, {self.config.vocab_size})")
+        ids = tokens.numpy()
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            bad = ids[(ids < 0) | (ids >= self.config.vocab_size)][0]
+            raise ValueError(f"token id {int(bad)} is outside the vocabulary: accepted [0, {self.config.vocab_size})")
 
     def _run(self, cache: OrtKVCache, tokens, positions, mask) -> torch.Tensor:
-        """Run (B, T) tokens on every cache row, whose slots have room; (B, T, V) logits."""
+        """Run (B, T) tokens on every cache row, whose slots have room; (B, T, V) logits.
+
+        The bookkeeping runs on numpy views of the cache's tensors: on arrays this small numpy's indexing costs a
+        microsecond where torch's costs ten, and a decode step's Python time is a visible part of its time."""
         n_rows, n_new = tokens.shape
+        valid, held, start = cache.valid.numpy(), cache.positions.numpy(), cache.lengths.numpy()
         # the slots this call fills, as TorchKVCache.begin; the lengths advance only once the run succeeds
-        slots = cache.lengths[:, None] + torch.arange(n_new)  # (B, T)
-        rows = torch.arange(n_rows)[:, None]
-        cache.valid[rows, slots] = mask
-        cache.positions[rows, slots] = positions
-        lengths = cache.lengths + n_new
-        seen = int(lengths.max()) if lengths.numel() else 0
-        feeds = {"input_ids": tokens, "position_ids": positions, "cache_position": slots,
-                 "attention_mask": cache.valid[:, :seen], "key_position_ids": cache.positions[:, :seen]}
+        slots = start[:, None] + np.arange(n_new)  # (B, T)
+        rows = np.arange(n_rows)[:, None]
+        valid[rows, slots] = mask.numpy()
+        held[rows, slots] = positions.numpy()
+        lengths = start + n_new
+        seen = int(lengths.max()) if lengths.size else 0
+        feeds = {"input_ids": tokens.numpy(), "position_ids": positions.numpy(), "cache_position": slots,
+                 "attention_mask": valid[:, :seen], "key_position_ids": held[:, :seen]}
         try:
-            logits = run_in_place(self.session, feeds, self.cache_bindings(cache))
+            logits = run_in_place(self.session, feeds, self.cache_bindings(cache), cache.bindings,
+                                  (n_rows, n_new, self.config.vocab_size))
         except BaseException:
-            cache.valid[rows, slots] = False  # slots past a row's length are invalid, as truncate leaves them
+            valid[rows, slots] = False  # slots past a row's length are invalid, as truncate leaves them
             raise
-        cache._lengths = lengths
+        cache._lengths = torch.from_numpy(lengths)
         return logits
 
     def forward_full(self, tokens, positions, token_mask=None):

@@ -29,7 +29,8 @@ from backends.cache import cache_root
 from backends.checkpoint import Checkpoint
 from backends.strategies import Quant
 
-from .graph import CONFIG_METADATA, export_decoder, stamp
+from .fused_graph import export_fused_decoder, fused_graph_refusal
+from .graph import CONFIG_METADATA, GRAPH_METADATA, export_decoder, stamp
 from .packed_graph import export_packed_decoder
 from .paged_graph import export_paged_decoder
 from .quantize import derive
@@ -40,8 +41,10 @@ TMP_PREFIX = ".tmp-"
 STALE_TMP_SECONDS = 3600
 FORMAT_VERSION = "1"  # bump whenever graph.py's contract or export changes what a file holds
 STEP = "step"
-# graph variant -> (its exporter, its contract for the file's metadata)
-GRAPHS = {STEP: (export_decoder, "decoder step with an in-place KV cache: see backends/onnxrt/graph.py"),
+# graph (store.graph_kind) -> (its exporter, its contract for the file's metadata)
+GRAPHS = {"general": (export_decoder, "decoder step with an in-place KV cache: see backends/onnxrt/graph.py"),
+          "fused": (export_fused_decoder, "decoder step of ONNX Runtime's contrib ops, the contract of graph.py: "
+                                          "see backends/onnxrt/fused_graph.py"),
           "paged": (export_paged_decoder, "decoder step over a block pool: see backends/onnxrt/paged_graph.py"),
           "packed": (export_packed_decoder, "packed decoder step, rows gathered by index: see "
                                             "backends/onnxrt/packed_graph.py")}
@@ -126,23 +129,29 @@ def fetch(key: dict[str, str], build: Callable[[Path], None], root: Path | None 
     return Entry(final / MODEL_FILE, True, seconds)
 
 
+def graph_kind(checkpoint: Checkpoint, graph: str = STEP) -> str:
+    """The graph that serves variant `graph`: for the decoder step, 'fused' (fused_graph.py) where its contrib ops
+    express the model exactly, else 'general' (graph.py); the paged and packed variants have one graph each."""
+    if graph != STEP:
+        return graph
+    return "general" if fused_graph_refusal(checkpoint.config) else "fused"
+
+
 def model_key(checkpoint: Checkpoint, quant: Quant, graph: str = STEP) -> dict[str, str]:
-    """What a model file depends on: configuration and weights (the fingerprint), strategy, and the exporter."""
-    key = {"fingerprint": checkpoint.fingerprint(), "strategy": quant.value, "format": FORMAT_VERSION,
-           "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
-    if graph != STEP:  # the plain step's key stays as it was, so files already cached stay valid
-        key["graph"] = graph
-    return key
+    """What a model file depends on: configuration and weights (the fingerprint), strategy, graph, and exporter."""
+    return {"fingerprint": checkpoint.fingerprint(), "strategy": quant.value, "format": FORMAT_VERSION,
+            "graph": graph_kind(checkpoint, graph),
+            "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
 def model_file(checkpoint: Checkpoint, quant: Quant, root: Path | None = None, graph: str = STEP) -> Entry:
-    """The .onnx file of `checkpoint` under `quant` in graph variant `graph` (GRAPHS): exported (fp32) or derived
+    """The .onnx file of `checkpoint` under `quant` in graph variant `graph` (STEP, "paged" or "packed"; graph_kind names the graph): exported (fp32) or derived
     from the fp32 file of the same variant, then cached."""
     key = model_key(checkpoint, quant, graph)
-    export, contract = GRAPHS[graph]
+    export, contract = GRAPHS[key["graph"]]
     metadata = {CONFIG_METADATA: json.dumps(checkpoint.config.to_dict(), sort_keys=True),
                 "exactbench.model": checkpoint.name, "exactbench.fingerprint": key["fingerprint"],
-                "exactbench.strategy": quant.value, "exactbench.format": FORMAT_VERSION,
+                "exactbench.strategy": quant.value, "exactbench.format": FORMAT_VERSION, GRAPH_METADATA: key["graph"],
                 "exactbench.contract": contract}
     if quant == Quant.FP32:
         def build(path: Path) -> None:
