@@ -13,7 +13,8 @@ from backends.checkpoint import POSITIONS, Checkpoint
 from backends.registry import register
 from backends.strategies import Attention, Batching, Quant, Strategy
 
-QUANTS = (Quant.FP32, Quant.FP16, Quant.INT8_DYNAMIC, Quant.INT4_BLOCK32, Quant.INT4_BLOCK128)
+QUANTS = (Quant.FP32, Quant.FP16, Quant.INT8_DYNAMIC, Quant.INT4_BLOCK32, Quant.INT4_BLOCK128, Quant.INT4_GPTQ_BLOCK128,
+          Quant.FP16_KV)
 DEPENDENCIES = {"onnxruntime": "onnxruntime", "onnx": "onnx"}  # module -> the package that provides it
 
 

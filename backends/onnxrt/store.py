@@ -36,6 +36,7 @@ MANIFEST_FILE = "manifest.json"
 TMP_PREFIX = ".tmp-"
 STALE_TMP_SECONDS = 3600
 FORMAT_VERSION = "1"  # bump whenever graph.py's contract or export changes what a file holds
+EXPORTED_KV_DTYPES = {Quant.FP32: torch.float32, Quant.FP16_KV: torch.float16}  # exported directly, not derived
 
 
 @dataclass(frozen=True)
@@ -119,8 +120,13 @@ def fetch(key: dict[str, str], build: Callable[[Path], None], root: Path | None 
 
 def model_key(checkpoint: Checkpoint, quant: Quant) -> dict[str, str]:
     """What a model file depends on: configuration and weights (the fingerprint), strategy, and the exporter."""
-    return {"fingerprint": checkpoint.fingerprint(), "strategy": quant.value, "format": FORMAT_VERSION,
-            "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    key = {"fingerprint": checkpoint.fingerprint(), "strategy": quant.value, "format": FORMAT_VERSION,
+           "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    if quant == Quant.INT4_GPTQ_BLOCK128:  # its weights come from torch's GPTQ, versioned on its own
+        from backends.torch_ref.quantize import GPTQ_CACHE_VERSION
+
+        key["gptq"] = GPTQ_CACHE_VERSION
+    return key
 
 
 def model_file(checkpoint: Checkpoint, quant: Quant, root: Path | None = None) -> Entry:
@@ -130,14 +136,14 @@ def model_file(checkpoint: Checkpoint, quant: Quant, root: Path | None = None) -
                 "exactbench.model": checkpoint.name, "exactbench.fingerprint": key["fingerprint"],
                 "exactbench.strategy": quant.value, "exactbench.format": FORMAT_VERSION,
                 "exactbench.contract": "decoder step with an in-place KV cache: see backends/onnxrt/graph.py"}
-    if quant == Quant.FP32:
+    if quant in EXPORTED_KV_DTYPES:
         def build(path: Path) -> None:
-            export_decoder(checkpoint, path)
+            export_decoder(checkpoint, path, EXPORTED_KV_DTYPES[quant])
             stamp(path, metadata)
     else:
         source = model_file(checkpoint, Quant.FP32, root).path
 
         def build(path: Path) -> None:
-            derive(quant, source, path)
+            derive(quant, checkpoint, source, path)
             stamp(path, metadata)
     return fetch(key, build, root)
