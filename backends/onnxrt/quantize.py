@@ -124,3 +124,34 @@ def with_int4_blocks(model: onnx.ModelProto, checkpoint: Checkpoint, blocks: dic
     if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return model
+
+
+LINEAR_OPS = ("MatMul", "MatMulInteger", "MatMulNBits")
+# ONNX Runtime's quantizers name a quantized weight <weight>_quantized (quantize_dynamic) or <weight>_Q4
+# (MatMulNBits, and with_int4_blocks above), and its scales and zero points <weight>_scale(s) / _zero_point(s)
+QUANTIZED_SUFFIXES = ("_quantized", "_Q4")
+
+
+def stored_weight_figures(path: Path) -> dict[str, float]:
+    """From the model file's initializers: weight bytes (every stored tensor) and bits per weight of the linear
+    layers (their stored weights with scales and zero points, over the number of weights they stand for)."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    sizes = {init.name: numpy_helper.to_array(init).nbytes for init in model.graph.initializer}
+    weights: dict[str, int] = {}  # the original weight name -> how many weights it holds
+    for node in model.graph.node:
+        if node.op_type not in LINEAR_OPS or len(node.input) < 2 or node.input[1] not in sizes:
+            continue  # activations times activations (attention), not a weight
+        name = node.input[1]
+        base = next((name.removesuffix(s) for s in QUANTIZED_SUFFIXES if name.endswith(s)), name)
+        if node.op_type == "MatMulNBits":
+            attributes = {a.name: a.i for a in node.attribute}
+            weights[base] = attributes["K"] * attributes["N"]
+        else:
+            weights[base] = int(np.prod(next(i.dims for i in model.graph.initializer if i.name == name)))
+    if not weights:
+        raise ValueError(f"{path}: no MatMul with a stored weight; accepted ops: {', '.join(LINEAR_OPS)}")
+    linear_bytes = sum(size for name, size in sizes.items()
+                       if any(name == base or name.startswith(base + "_") for base in weights))
+    return {"weight_bytes": sum(sizes.values()), "bits_per_weight": 8 * linear_bytes / sum(weights.values())}
