@@ -139,6 +139,7 @@ def stored_weight_figures(path: Path) -> dict[str, float]:
 
     model = onnx.load(str(path))
     sizes = {init.name: numpy_helper.to_array(init).nbytes for init in model.graph.initializer}
+    shapes = {init.name: init.dims for init in model.graph.initializer}
     weights: dict[str, int] = {}  # the original weight name -> how many weights it holds
     for node in model.graph.node:
         if node.op_type not in LINEAR_OPS or len(node.input) < 2 or node.input[1] not in sizes:
@@ -149,7 +150,7 @@ def stored_weight_figures(path: Path) -> dict[str, float]:
             attributes = {a.name: a.i for a in node.attribute}
             weights[base] = attributes["K"] * attributes["N"]
         else:
-            weights[base] = int(np.prod(next(i.dims for i in model.graph.initializer if i.name == name)))
+            weights[base] = int(np.prod(shapes[name]))
     if not weights:
         raise ValueError(f"{path}: no MatMul with a stored weight; accepted ops: {', '.join(LINEAR_OPS)}")
     linear_bytes = sum(size for name, size in sizes.items()

@@ -316,7 +316,7 @@ def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, block: int) -> Int4Bl
     return Int4Blocks.quantize(dequantized, block, scales)
 
 
-# --- the quantized KV caches ---------------------------------------------------------------------------------------
+# --- the quantized KV caches --------------------------------------------------------------------------------
 
 
 def int8_round_trip(x: torch.Tensor) -> torch.Tensor:
