@@ -18,6 +18,7 @@ class Quant(StrEnum):
     INT8_WEIGHT = "int8-weight"  # int8 weights per output channel, fp32 activations
     INT4_GPTQ_BLOCK128 = "int4-gptq-block128"  # the int4-block128 format, weights chosen by GPTQ on training text
     INT8_KV = "int8-kv"  # fp32 weights; keys and values stored int8 (one scale per token and head), fp32 compute
+    FP16_KV = "fp16-kv"  # fp32 weights; keys and values stored fp16, fp32 compute
 
 
 class Attention(StrEnum):

@@ -9,6 +9,8 @@ The simulated formats follow how backends/onnxrt/quantize.py has ONNX Runtime qu
 - int8-dynamic (quantize_dynamic, QUInt8 per channel): per output channel, scale = (max(0, w) - min(0, w)) / 255,
   zero point round(-min / scale); activations quantized per call and tensor by ONNX's DynamicQuantizeLinear
   (uint8, same rule over the whole input of the MatMul), then an exact integer product.
+- int4-gptq-block128: the int4-block128 format holding the blocks GPTQ chose (backends/torch_ref/quantize.py).
+- fp16-kv: every weight fp64; keys and values rounded to fp16 where they are stored.
 int4 at accuracy level 4 also rounds activations to int8 inside the kernel; that step is not simulated (MLAS's
 kernel choice depends on the CPU), so the int4 oracle is the weights' own error: the larger share by far.
 """
@@ -23,9 +25,10 @@ from backends.quant.formats import Int4Blocks, uint8_affine
 from backends.strategies import Attention, Quant, Strategy
 from backends.torch_ref.backend import build_model
 from backends.torch_ref.model import TorchKVCache, full_sequence_context
+from backends.torch_ref.quantize import Fp16KVCache, fp16_round_trip, gptq_blocks
 
 INT4_BLOCKS = {Quant.INT4_BLOCK32: 32, Quant.INT4_BLOCK128: 128}
-SIMULATED = (Quant.INT8_DYNAMIC, *INT4_BLOCKS)
+SIMULATED = (Quant.INT8_DYNAMIC, *INT4_BLOCKS, Quant.INT4_GPTQ_BLOCK128, Quant.FP16_KV)
 
 
 def int4_block_dequantized(weight: torch.Tensor, block: int) -> torch.Tensor:
@@ -39,7 +42,8 @@ def int4_block_dequantized(weight: torch.Tensor, block: int) -> torch.Tensor:
 class SimulatedLinear(nn.Module):
     """A Linear layer computing in float64 with a lossy format's weights (and activations) simulated."""
 
-    def __init__(self, linear: nn.Linear, quant: Quant):
+    def __init__(self, linear: nn.Linear, quant: Quant, stored: Int4Blocks | None = None):
+        """`stored`: the int4 blocks a calibrated method chose for this layer (else round to nearest)."""
         super().__init__()
         weight = linear.weight.detach().double()
         self.quantize_activations = quant == Quant.INT8_DYNAMIC
@@ -47,6 +51,8 @@ class SimulatedLinear(nn.Module):
             q, scale, zero_point = uint8_affine(weight, dim=1)  # per output channel
             self.register_buffer("weight_q", q - zero_point)
             self.register_buffer("weight_scale", scale.T)  # (1, out)
+        elif stored is not None:
+            self.register_buffer("weight", stored.dequantize())
         else:
             self.register_buffer("weight", int4_block_dequantized(weight, INT4_BLOCKS[quant]))
         self.bias = None if linear.bias is None else linear.bias.detach().double()
@@ -60,12 +66,14 @@ class SimulatedLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def simulate_format(model: nn.Module, quant: Quant) -> nn.Module:
+def simulate_format(model: nn.Module, quant: Quant, checkpoint: Checkpoint) -> nn.Module:
     """Swap every Linear (the MatMul weights ONNX Runtime quantizes, lm_head included) for its simulated format."""
+    chosen = gptq_blocks(checkpoint) if quant == Quant.INT4_GPTQ_BLOCK128 else {}
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, child_name, SimulatedLinear(child, quant))
+                stored = chosen.get(f"{name}.{child_name}" if name else child_name)
+                setattr(module, child_name, SimulatedLinear(child, quant, stored))
     return model
 
 
@@ -79,10 +87,13 @@ class Float64Runner(ModelRunner):
             raise ValueError(f"no simulated format for {quant.value!r}; simulated: {', '.join(q.value for q in SIMULATED)}")
         super().__init__(checkpoint, Strategy(quant, Attention.NAIVE))
         self.model = build_model(checkpoint, Attention.NAIVE).double()
-        if quant != Quant.FP32:
-            simulate_format(self.model, quant)
+        self.fp16_kv = quant == Quant.FP16_KV
+        if quant not in (Quant.FP32, Quant.FP16_KV):
+            simulate_format(self.model, quant, checkpoint)
 
     def new_cache(self, batch_size: int, capacity: int) -> TorchKVCache:
+        if self.fp16_kv:
+            return Fp16KVCache(self.config, batch_size, capacity, torch.device("cpu"), torch.float64)
         return TorchKVCache(self.config, batch_size, capacity, torch.float64, torch.device("cpu"))
 
     @staticmethod
@@ -95,7 +106,9 @@ class Float64Runner(ModelRunner):
 
     @torch.inference_mode()
     def forward_full(self, tokens, positions, token_mask=None) -> torch.Tensor:
-        return self.model(tokens, full_sequence_context(positions, self._mask(tokens, token_mask)))
+        context = full_sequence_context(positions, self._mask(tokens, token_mask))
+        context.kv_round_trip = fp16_round_trip if self.fp16_kv else None
+        return self.model(tokens, context)
 
 
 _REFERENCES: dict[tuple[int, Quant], Float64Runner] = {}

@@ -7,8 +7,8 @@ batch of odd lengths prefilled into an empty cache, a chunk, single tokens at ex
 - fp32: the backend's error at most 2x the reference backend's own fp32 error; greedy decoding over 64 tokens
   gives identical tokens;
 - a lossy strategy: at most 2x the error of the same precision on the reference backend (bf16, fp16), or of the
-  same number format simulated exactly in fp64 on the same weights (int8-dynamic, int4-block32/128;
-  harness/references.py). Token agreement of lossy strategies is a quality figure (test_model_quality.py).
+  same number format simulated exactly in fp64 on the same weights (int8-dynamic, int4-block32/128,
+  int4-gptq-block128, fp16-kv; harness/references.py). Token agreement of lossy strategies is a quality figure (test_model_quality.py).
 """
 from __future__ import annotations
 

@@ -12,7 +12,11 @@ bench, on QUALITY_WINDOWS held-out windows evenly spaced over the stream (harnes
 QUALITY_WINDOWS x CONTEXT/2 = 4,096 tokens): llama.cpp's PPL, dPPL, mean KLD, KLD p99/max, RMS dp, same-top-1
 against the backend's fp32 log-probabilities (stored once per model and backend under the cache directory);
 prefill and decode tokens/s at batch 1 and 8 as ratios to the backend's fp32, timed alternately in one run;
-weight bytes, bits per weight and KV bytes per token; peak resident memory of a fresh child process.
+weight bytes, bits per weight and KV bytes per token; achieved decode bandwidth (weight bytes x steps/s) beside
+this machine's measured read bandwidth (harness/machine.py); peak resident memory of a fresh child process, whole
+and above what the child holds before loading (interpreter, imports and the fp32 checkpoint): onnxrt opens its
+stored, already-quantized model file, so that increment is the strategy's; torch builds the fp32 model and then
+swaps its layers, so its increment includes one fp32 copy of the weights.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from backends.checkpoint import TOKENIZER_FILE, check_tokenizer
 from backends.quant.formats import Fp8Channels, Int4Blocks, Int8Channels
 from backends.registry import get_backend
 from backends.strategies import Quant, Strategy
+from harness.machine import fits_in_last_level_cache, last_level_cache_bytes, read_bandwidth
 from harness.memory import peak_rss_in_child
 from harness.models import resolve_model
 from harness.plugin import require
@@ -142,6 +147,25 @@ def test_kv_quantizer_keeps_every_element_within_half_a_step(backend, load_runne
     assert bool((stored.dequantize()[1, 1, 2] == 0).all()), "an all-zero key row does not come back as zero"
 
 
+BITS_PER_WEIGHT = {Quant.FP32: 32, Quant.FP16: 16, Quant.BF16: 16, Quant.INT8_KV: 32, Quant.FP16_KV: 32,
+                   **{q: 4 + 32 / block for q, block in ((Quant.INT4_BLOCK32, 32), (Quant.INT4_BLOCK128, 128),
+                                                         (Quant.INT4_GPTQ_BLOCK128, 128))}}  # 4-bit codes + fp32 scale
+
+
+@pytest.mark.exactness
+def test_bits_per_weight_count_scales(backend, load_runner, checkpoint, quant, record):
+    """Bits per weight of the linear layers, from what is stored, equal the format's own count (scales included):
+    the same strategy name is the same format on every backend."""
+    if quant not in BITS_PER_WEIGHT:
+        pytest.skip(f"{quant.value}: per-channel scales over layers of several widths have no single closed form")
+    figures = weight_figures(backend, load_runner(checkpoint, Strategy(quant)))
+    if "bits_per_weight" not in figures:
+        pytest.skip(f"{backend.name} reports no bits per weight")
+    record(bits_per_weight=figures["bits_per_weight"])
+    assert figures["bits_per_weight"] == pytest.approx(BITS_PER_WEIGHT[quant], rel=1e-12), \
+        f"{quant.value}: {figures['bits_per_weight']:.6g} stored bits per weight, the format stores {BITS_PER_WEIGHT[quant]}"
+
+
 # --- bench: quality -----------------------------------------------------------------------------------------
 
 
@@ -196,12 +220,31 @@ def test_speed_against_fp32(backend, load_runner, checkpoint, quant, phase, batc
     record(tokens_per_s=n_tokens / median(runner_s), base_tokens_per_s=n_tokens / median(base_s),
            ratio_to_fp32=median(base_s) / median(runner_s))
     record.samples(ratio_to_fp32=[b / r for r, b in zip(runner_s, base_s)])
+    weight_bytes = weight_figures(backend, runner).get("weight_bytes")
+    if phase == "decode" and weight_bytes:
+        record(**bandwidth_figures(weight_bytes, DECODE_TOKENS / median(runner_s)))
 
 
-def load_and_decode(backend_name: str, model: str, quant: str) -> None:
+def bandwidth_figures(weight_bytes: float, steps_per_s: float) -> dict[str, float]:
+    """Achieved bandwidth (every weight read once per decode step) beside this machine's measured read bandwidth,
+    and whether the weights fit in the last-level cache (then they are read from cache and DRAM is not the
+    ceiling)."""
+    figures = {"achieved_GBps": weight_bytes * steps_per_s / 1e9, **read_bandwidth().as_metrics()}
+    fits = fits_in_last_level_cache(int(weight_bytes))
+    if fits is not None:
+        figures.update(last_level_cache_bytes=float(last_level_cache_bytes()), weights_fit_in_cache=float(fits))
+    return figures
+
+
+def load_checkpoint(backend_name: str, model: str, quant: str) -> tuple:
+    """The child's setup: imports and the checkpoint's fp32 tensors, resident before the measured load."""
+    return get_backend(backend_name)(), resolve_model(model), Strategy(Quant(quant))
+
+
+def load_and_decode(state: tuple) -> None:
     """In a fresh child: load the model under the strategy, prefill PROMPT_TOKENS and decode DECODE_TOKENS."""
-    checkpoint = resolve_model(model)
-    runner = get_backend(backend_name)().load(checkpoint, Strategy(Quant(quant)))
+    backend, checkpoint, strategy = state
+    runner = backend.load(checkpoint, strategy)
     tokens = torch.ones(1, PROMPT_TOKENS + DECODE_TOKENS, dtype=torch.long)
     timed_phase(runner, "decode", tokens)
 
@@ -213,18 +256,23 @@ def test_memory(backend, load_runner, checkpoint, quant, record):
         pytest.skip(f"model {checkpoint.name} is not on disk: a child process cannot load it")
     batch, capacity = 1, PROMPT_TOKENS + DECODE_TOKENS
     cache = runner.new_cache(batch, capacity)
-    peak = peak_rss_in_child(load_and_decode, backend.name, str(checkpoint.directory), quant.value)
+    peak = peak_rss_in_child(load_and_decode, backend.name, str(checkpoint.directory), quant.value,
+                             setup=load_checkpoint)
     record.params(implementation=runner.implementation)
     record(kv_bytes_per_token=cache.allocated_bytes / (batch * capacity), peak_rss_bytes=peak.peak_bytes,
-           **weight_figures(backend, runner))
+           load_peak_bytes=peak.extra_bytes, **weight_figures(backend, runner))
 
 
 def weight_figures(backend, runner) -> dict[str, float]:
-    """Weight bytes and bits per weight where the backend reports them (torch: the stored tensors; onnxrt: the
-    model file)."""
+    """Weight bytes and bits per weight (scales and zero points included) where the backend reports them (torch:
+    the stored tensors; onnxrt: the model file's initializers, and the file's size)."""
     if backend.name == "torch":
         from backends.torch_ref.quantize import weight_bytes
 
         return weight_bytes(runner.model)
     path = getattr(runner, "path", None)
-    return {} if path is None else {"model_file_bytes": path.stat().st_size}
+    if path is None:
+        return {}
+    from backends.onnxrt.quantize import stored_weight_figures
+
+    return {**stored_weight_figures(path), "model_file_bytes": path.stat().st_size}

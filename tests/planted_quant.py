@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from backends.quant.formats import INT4_ZERO_POINT, Int8Channels
+from backends.strategies import Quant
 from backends.torch_ref.backend import TorchBackend, TorchRunner
 from backends.torch_ref.quantize import Fp8Linear, Int4Linear, Int8KVCache, unpack_nibbles
 
@@ -58,7 +59,7 @@ def swapping_runner(original: type, faulty: type) -> type[TorchRunner]:
 
 class ClippingKVRunner(TorchRunner):
     def new_cache(self, batch_size, capacity):
-        if self.kv_int8:
+        if self.strategy.quant == Quant.INT8_KV:
             return ClippingInt8KVCache(self.config, batch_size, capacity, self.device)
         return super().new_cache(batch_size, capacity)
 

@@ -35,7 +35,7 @@ def test_the_refusal_names_what_the_fused_graph_cannot_express(change, reason):
 def test_the_store_builds_the_fused_graph_where_it_applies(tmp_path, position, graph):
     checkpoint = small_checkpoint(position, "gqa")
     runner = OrtRunner(checkpoint, Strategy(), store.model_file(checkpoint, Quant.FP32, tmp_path).path)
-    assert store.graph_kind(checkpoint) == graph
+    assert store.graph_kind(checkpoint, Quant.FP32) == graph
     assert runner.implementation.endswith(f"{graph} graph")
 
 

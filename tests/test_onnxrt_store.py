@@ -121,3 +121,24 @@ def test_a_quantized_model_is_derived_from_the_cached_fp32_export(tmp_path):
     derived = store.model_file(checkpoint, Quant.INT8_DYNAMIC, tmp_path)
     assert derived.built and len(entries(tmp_path)) == 2
     assert not store.model_file(checkpoint, Quant.INT8_DYNAMIC, tmp_path).built
+
+
+def test_onnxrt_gptq_file_stores_exactly_torch_gptq_blocks():
+    """int4-gptq-block128 is one format on both backends: the MatMulNBits weights and scales of the ONNX file are
+    the blocks torch's GPTQ chose (the trained default model: calibration needs its tokenizer)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from backends.torch_ref.quantize import gptq_blocks
+    from harness.models import DEFAULT_MODEL, resolve_model
+
+    checkpoint = resolve_model(DEFAULT_MODEL)
+    model = onnx.load(str(store.model_file(checkpoint, Quant.INT4_GPTQ_BLOCK128).path))
+    tensors = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    stored = sorted((tensors[node.input[1]].tobytes(), tensors[node.input[2]].tobytes())
+                    for node in model.graph.node if node.op_type == "MatMulNBits")
+    chosen = sorted((blocks.packed.numpy().tobytes(), blocks.scales.numpy().tobytes())
+                    for blocks in gptq_blocks(checkpoint).values())
+    assert len(stored) == len(chosen) and stored == chosen
+    assert not any(node.op_type == "MatMul" and node.input[1] in tensors for node in model.graph.node), \
+        "a MatMul with a stored fp32 weight is left"

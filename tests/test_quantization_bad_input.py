@@ -43,6 +43,16 @@ def test_a_calibrated_method_without_calibration_text_is_refused(small_config):
     assert "\n" not in str(error.value)
 
 
+def test_onnxrt_calibrated_method_without_calibration_text_is_refused_and_nothing_cached(small_config, tmp_path,
+                                                                                          monkeypatch):
+    monkeypatch.setenv("EXACTBENCH_CACHE", str(tmp_path))
+    with pytest.raises(CalibrationUnavailable, match=r"int4-gptq-block128 needs calibration text") as error:
+        OnnxRuntimeBackend().load(random_checkpoint(small_config), Strategy(Quant.INT4_GPTQ_BLOCK128))
+    assert "\n" not in str(error.value)
+    assert [p.name for p in (tmp_path / "onnx").iterdir() if "int4-gptq" in p.name] == []
+    assert not (tmp_path / "gptq").exists()
+
+
 def test_a_group_size_that_does_not_divide_the_dimension_is_refused():
     with pytest.raises(FormatError, match=r"^group size 48 does not divide the input dimension 64; accepted here: "
                                           r"16, 32, 64$"):

@@ -13,7 +13,8 @@ from backends.checkpoint import POSITIONS, Checkpoint
 from backends.registry import register
 from backends.strategies import Attention, Batching, Quant, Strategy
 
-QUANTS = (Quant.FP32, Quant.FP16, Quant.INT8_DYNAMIC, Quant.INT4_BLOCK32, Quant.INT4_BLOCK128)
+QUANTS = (Quant.FP32, Quant.FP16, Quant.INT8_DYNAMIC, Quant.INT4_BLOCK32, Quant.INT4_BLOCK128, Quant.INT4_GPTQ_BLOCK128,
+          Quant.FP16_KV)
 DEPENDENCIES = {"onnxruntime": "onnxruntime", "onnx": "onnx"}  # module -> the package that provides it
 
 
@@ -45,7 +46,8 @@ class OnnxRuntimeBackend(Backend):
     # Two graphs serve these, chosen per model (store.graph_kind): the fused graph (fused_graph.py: ONNX Runtime's
     # GroupQueryAttention, fused RMSNorms) for RoPE Llama-style models it expresses exactly, every capability above
     # included; graph.py's general export for the rest (ALiBi, learned/sinusoidal positions, dynamic-NTK and
-    # LongRoPE, partial rotary, head_dim not a multiple of 16, sliding windows, Gemma, Qwen3, GPT-2, GPT-NeoX).
+    # LongRoPE, partial rotary, head_dim not a multiple of 16, sliding windows, Gemma, Qwen3, GPT-2, GPT-NeoX) and
+    # for fp16-kv and int4-gptq-block128 (store.GENERAL_ONLY); paged and packed batching have graphs of their own.
 
     def load(self, checkpoint: Checkpoint, strategy: Strategy) -> ModelRunner:
         self.check_strategy(strategy)

@@ -83,7 +83,8 @@ class ScatterContext(AttentionContext):
         for past, new in zip(self.past[2 * layer: 2 * layer + 2], (k, v)):
             present = past.scatter(2, index, new.to(past.dtype))
             self.present.append(present)
-            out.append(present[:, :, :seen])
+            read = present[:, :, :seen]
+            out.append(read if read.dtype == new.dtype else read.to(new.dtype))  # a cache stored narrower: fp32 compute
         return out[0], out[1]
 
 
@@ -138,14 +139,15 @@ class DecoderStep(nn.Module):
         return (self.transformer.run(input_ids, ctx, ropes), *ctx.present)
 
 
-def trace_inputs(config: ModelConfig) -> tuple[torch.Tensor, ...]:
-    """Example inputs whose sizes are all distinct, so no traced size can stand in for another."""
+def trace_inputs(config: ModelConfig, kv_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    """Example inputs whose sizes are all distinct, so no traced size can stand in for another; the past keys and
+    values in `kv_dtype` (the dtype the cache is stored in)."""
     B, T, S, C = (TRACE_SHAPE[k] for k in ("batch", "seq", "kv_len", "capacity"))
     slots = torch.arange(S - T, S).expand(B, T)
     inputs = [torch.randint(0, config.vocab_size, (B, T)), slots.clone(), slots.clone(), torch.ones(B, S, dtype=torch.bool)]
     if reads_key_positions(config):
         inputs.append(torch.arange(S).expand(B, S).clone())
-    inputs += [torch.zeros(B, config.n_kv_heads, C, config.head_dim) for _ in range(2 * config.n_layers)]
+    inputs += [torch.zeros(B, config.n_kv_heads, C, config.head_dim, dtype=kv_dtype) for _ in range(2 * config.n_layers)]
     return tuple(inputs)
 
 
@@ -158,13 +160,14 @@ def dynamic_axes(config: ModelConfig) -> dict[str, dict[int, str]]:
     return {name: axes[name] for name in input_names(config) + output_names(config)}
 
 
-def export_decoder(checkpoint: Checkpoint, path: Path) -> None:
-    """Write the fp32 decoder step of `checkpoint` to `path` (one self-contained .onnx file)."""
+def export_decoder(checkpoint: Checkpoint, path: Path, kv_dtype: torch.dtype = torch.float32) -> None:
+    """Write the fp32 decoder step of `checkpoint` to `path` (one self-contained .onnx file), its KV cache stored in
+    `kv_dtype` (computed with in fp32)."""
     check_exportable(checkpoint)
     step = DecoderStep(checkpoint).eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notices; the tests check the graph
-        torch.onnx.export(step, trace_inputs(checkpoint.config), str(path), dynamo=False, opset_version=OPSET,
+        torch.onnx.export(step, trace_inputs(checkpoint.config, kv_dtype), str(path), dynamo=False, opset_version=OPSET,
                           input_names=input_names(checkpoint.config), output_names=output_names(checkpoint.config),
                           dynamic_axes=dynamic_axes(checkpoint.config), do_constant_folding=True)
 

@@ -48,6 +48,9 @@ GRAPHS = {"general": (export_decoder, "decoder step with an in-place KV cache: s
           "paged": (export_paged_decoder, "decoder step over a block pool: see backends/onnxrt/paged_graph.py"),
           "packed": (export_packed_decoder, "packed decoder step, rows gathered by index: see "
                                             "backends/onnxrt/packed_graph.py")}
+# strategies only the general graph serves: GroupQueryAttention keeps its cache in the compute dtype, and the GPTQ
+# export finds each torch layer's MatMul by its weights, which the fused graph packs (q, k, v in one MatMul)
+GENERAL_ONLY = {Quant.FP16_KV, Quant.INT4_GPTQ_BLOCK128}
 
 
 @dataclass(frozen=True)
@@ -129,38 +132,47 @@ def fetch(key: dict[str, str], build: Callable[[Path], None], root: Path | None 
     return Entry(final / MODEL_FILE, True, seconds)
 
 
-def graph_kind(checkpoint: Checkpoint, graph: str = STEP) -> str:
-    """The graph that serves variant `graph`: for the decoder step, 'fused' (fused_graph.py) where its contrib ops
-    express the model exactly, else 'general' (graph.py); the paged and packed variants have one graph each."""
+def graph_kind(checkpoint: Checkpoint, quant: Quant, graph: str = STEP) -> str:
+    """The graph that serves `graph`: for the decoder step, 'fused' (fused_graph.py) where its contrib ops express
+    the model and strategy exactly, else 'general' (graph.py); any other name is the graph itself."""
     if graph != STEP:
         return graph
-    return "general" if fused_graph_refusal(checkpoint.config) else "fused"
+    return "general" if quant in GENERAL_ONLY or fused_graph_refusal(checkpoint.config) else "fused"
 
 
 def model_key(checkpoint: Checkpoint, quant: Quant, graph: str = STEP) -> dict[str, str]:
     """What a model file depends on: configuration and weights (the fingerprint), strategy, graph, and exporter."""
-    return {"fingerprint": checkpoint.fingerprint(), "strategy": quant.value, "format": FORMAT_VERSION,
-            "graph": graph_kind(checkpoint, graph),
-            "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    key = {"fingerprint": checkpoint.fingerprint(), "strategy": quant.value, "format": FORMAT_VERSION,
+           "graph": graph_kind(checkpoint, quant, graph),
+           "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    if quant == Quant.INT4_GPTQ_BLOCK128:  # its weights come from torch's GPTQ, versioned on its own
+        from backends.torch_ref.quantize import GPTQ_CACHE_VERSION
+
+        key["gptq"] = GPTQ_CACHE_VERSION
+    return key
 
 
 def model_file(checkpoint: Checkpoint, quant: Quant, root: Path | None = None, graph: str = STEP) -> Entry:
-    """The .onnx file of `checkpoint` under `quant` in graph variant `graph` (STEP, "paged" or "packed"; graph_kind names the graph): exported (fp32) or derived
-    from the fp32 file of the same variant, then cached."""
+    """The .onnx file of `checkpoint` under `quant` in graph `graph` (STEP: the decoder step, in the graph
+    graph_kind chooses; or a name in GRAPHS): exported (fp32, and fp16-kv with its cache stored in fp16) or derived
+    from the fp32 file of the same graph, then cached."""
     key = model_key(checkpoint, quant, graph)
     export, contract = GRAPHS[key["graph"]]
     metadata = {CONFIG_METADATA: json.dumps(checkpoint.config.to_dict(), sort_keys=True),
                 "exactbench.model": checkpoint.name, "exactbench.fingerprint": key["fingerprint"],
                 "exactbench.strategy": quant.value, "exactbench.format": FORMAT_VERSION, GRAPH_METADATA: key["graph"],
                 "exactbench.contract": contract}
-    if quant == Quant.FP32:
+    if quant in (Quant.FP32, Quant.FP16_KV):
         def build(path: Path) -> None:
-            export(checkpoint, path)
+            if quant == Quant.FP16_KV:  # a general-graph strategy (GENERAL_ONLY)
+                export_decoder(checkpoint, path, torch.float16)
+            else:
+                export(checkpoint, path)
             stamp(path, metadata)
     else:
-        source = model_file(checkpoint, Quant.FP32, root, graph).path
+        source = model_file(checkpoint, Quant.FP32, root, key["graph"]).path
 
         def build(path: Path) -> None:
-            derive(quant, source, path)
+            derive(quant, checkpoint, source, path)
             stamp(path, metadata)
     return fetch(key, build, root)

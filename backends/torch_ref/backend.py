@@ -11,9 +11,12 @@ from backends.strategies import Attention, Batching, Quant, Strategy
 
 from .attention import IMPLEMENTATIONS, AttentionFn
 from .model import Transformer, TorchKVCache, TorchPagedKVCache, full_sequence_context
-from .quantize import IMPLEMENTATION, QUANTS, Int8KVCache, int8_round_trip, quantize_model, quantized_linears
+from .quantize import (IMPLEMENTATION, QUANTS, Fp16KVCache, Int8KVCache, fp16_round_trip, int8_round_trip, quantize_model,
+                       quantized_linears)
 
 DTYPES = {Quant.FP32: torch.float32, Quant.BF16: torch.bfloat16, Quant.FP16: torch.float16}
+KV_CACHES = {Quant.INT8_KV: Int8KVCache, Quant.FP16_KV: Fp16KVCache}
+KV_ROUND_TRIPS = {Quant.INT8_KV: int8_round_trip, Quant.FP16_KV: fp16_round_trip}
 
 
 def default_device() -> torch.device:
@@ -35,11 +38,11 @@ class TorchRunner(ModelRunner, PackedStepRunner, PagedRunner):
         self.dtype = DTYPES.get(strategy.quant, torch.float32)  # quantized formats compute in fp32
         self.model = build_model(checkpoint, strategy.attention).to(device, self.dtype)
         quantize_model(self.model, strategy.quant, checkpoint)
-        self.kv_int8 = strategy.quant == Quant.INT8_KV
+        self.kv_round_trip = KV_ROUND_TRIPS.get(strategy.quant)  # a quantized KV cache: what it keeps of K/V
 
     def new_cache(self, batch_size: int, capacity: int) -> TorchKVCache:
-        if self.kv_int8:
-            return Int8KVCache(self.config, batch_size, capacity, self.device)
+        if self.strategy.quant in KV_CACHES:
+            return KV_CACHES[self.strategy.quant](self.config, batch_size, capacity, self.device)
         return TorchKVCache(self.config, batch_size, capacity, self.dtype, self.device)
 
     @property
@@ -84,7 +87,7 @@ class TorchRunner(ModelRunner, PackedStepRunner, PagedRunner):
     def forward_full(self, tokens, positions, token_mask=None):
         tokens, positions, mask = self._inputs(tokens, positions, token_mask)
         context = full_sequence_context(positions, mask)
-        context.kv_round_trip = int8_round_trip if self.kv_int8 else None
+        context.kv_round_trip = self.kv_round_trip
         return self.model(tokens, context).float()
 
 

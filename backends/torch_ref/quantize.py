@@ -8,7 +8,8 @@ Which implementation runs each strategy (IMPLEMENTATION, also written into recor
 - int4-block32/128, int4-gptq-block128, fp8: dequantize-then-matmul in fp32 (torchao's int4 needs a kernel
   library this CPU lacks, and torch's int4/int8 pack kernels were slower than fp32 GEMV here: DESIGN.md).
 - int8-kv: fp32 weights; keys and values stored int8 with one fp32 scale per token and head, dequantized to fp32
-  when read. The no-cache path rounds K/V the same way, so cached and uncached runs compute the same thing.
+  when read. fp16-kv: the same with keys and values stored fp16. The no-cache path rounds K/V the same way, so
+  cached and uncached runs compute the same thing.
 Every Linear is quantized, lm_head included (as ONNX Runtime quantizes every MatMul); embeddings stay fp32.
 
 GPTQ (Frantar et al. 2022) picks the int4-block128 codes column by column, pushing each column's rounding error
@@ -46,6 +47,7 @@ IMPLEMENTATION = {
     **{q: f"torchao {config}" for q, config in TORCHAO.items()},
     **{q: "dequantize-then-matmul" for q in (*INT4_BLOCKS, Quant.FP8)},
     Quant.INT8_KV: "int8 cache, fp32 compute",
+    Quant.FP16_KV: "fp16 cache, fp32 compute",
 }
 QUANTS = tuple(IMPLEMENTATION)
 CALIBRATION_WINDOWS, CALIBRATION_LENGTH, CALIBRATION_SEED = 32, 256, 0
@@ -278,6 +280,14 @@ def gptq_model(model: nn.Module, checkpoint: Checkpoint, block: int) -> dict[str
     return chosen
 
 
+def gptq_blocks(checkpoint: Checkpoint, block: int = INT4_BLOCKS[Quant.INT4_GPTQ_BLOCK128]) -> dict[str, Int4Blocks]:
+    """GPTQ's int4 blocks of the checkpoint's fp32 linears by layer name (cached): what onnxrt's
+    int4-gptq-block128 stores and the harness's fp64 simulation of that format computes with."""
+    from .backend import build_model
+
+    return gptq_model(build_model(checkpoint), checkpoint, block)
+
+
 def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, block: int) -> Int4Blocks:
     """The int4 block format of `weight`, codes chosen by GPTQ; each block's scale is set (by the format's own
     rule) from the block's weights as updated when the block is reached. Within a block the error is pushed
@@ -306,7 +316,7 @@ def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, block: int) -> Int4Bl
     return Int4Blocks.quantize(dequantized, block, scales)
 
 
-# --- the int8 KV cache ---------------------------------------------------------------------------------------
+# --- the quantized KV caches --------------------------------------------------------------------------------
 
 
 def int8_round_trip(x: torch.Tensor) -> torch.Tensor:
@@ -345,3 +355,21 @@ class Int8KVCache(TorchKVCache):
         k_all = self.k[layer, :, :, :seen].float() * self.k_scales[layer, :, :, :seen]
         v_all = self.v[layer, :, :, :seen].float() * self.v_scales[layer, :, :, :seen]
         return k_all, v_all
+
+
+def fp16_round_trip(x: torch.Tensor) -> torch.Tensor:
+    """The value fp16 storage keeps of x, back in x's dtype."""
+    return x.half().to(x.dtype)
+
+
+class Fp16KVCache(TorchKVCache):
+    """Keys and values stored fp16, read back in `compute_dtype` (fp32 here; fp64 in the harness's simulation)."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, capacity: int, device,
+                 compute_dtype: torch.dtype = torch.float32):
+        super().__init__(config, batch_size, capacity, torch.float16, device)
+        self.compute_dtype = compute_dtype
+
+    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: int):
+        k_all, v_all = super().store(layer, slots, k, v, seen)
+        return k_all.to(self.compute_dtype), v_all.to(self.compute_dtype)

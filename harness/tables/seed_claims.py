@@ -15,6 +15,9 @@ HOLDS, CORRECTED, NOT_HERE = "holds", "corrected", "does not hold here"
 CONSTANT_PER_TOKEN = 1.5  # "roughly constant": the slowest per-token time within 1.5x the fastest
 LINEAR, QUADRATIC = 1.25, 1.5  # growth exponents read as O(N) (at most) and O(N^2)-like (at least)
 SIZE_TOLERANCE = 0.1  # a compression factor holds within 10% of the quoted one
+MINIMAL_LOSS_TOP1 = 0.98  # "minimal quality loss": at least 98% same top-1 as fp32 (issue 12's goal)
+SLIGHT_PPL_INCREASE = 0.05  # "slight degradation": perplexity at most 5% above fp32's
+INT4_70B_GB, INT4_70B_MODELS = 35, ("llama-2-70b", "llama-3-70b")
 
 
 def _passed(frame: pd.DataFrame, suite: str, function: str) -> pd.DataFrame:
@@ -82,11 +85,22 @@ def verdict(reached: dict[str, bool]) -> str:
     return "holds only for " + ", ".join(case for case, ok in reached.items() if ok)
 
 
-def int4_throughput(frame: pd.DataFrame) -> tuple[str, str]:
+def int4_gains(frame: pd.DataFrame) -> dict[tuple[str, str], pd.Series]:
+    """Tokens/s of each int4 strategy over the same backend's fp32 per (phase, batch): the quantization suite's
+    side-by-side ratio where it ran, else backend_speed's (two ratios to torch fp32)."""
+    direct = _passed(frame, "quantization", "test_speed_against_fp32")
+    if len(direct):
+        direct = direct[direct["quant"].str.startswith("int4")]
+        return {key: group.set_index(["param.phase", "param.batch"])["metric.ratio_to_fp32"]
+                for key, group in direct.groupby(["backend", "quant"], sort=True)}
     bench = _passed(frame, "backend_speed", "test_tokens_per_second")
+    return {(b, q): speed_gain(frame, b, q)
+            for b, q in sorted({(b, q) for b, q in zip(bench["backend"], bench["quant"]) if q.startswith("int4")})}
+
+
+def int4_throughput(frame: pd.DataFrame) -> tuple[str, str]:
     parts, reached = [], {}
-    for backend, quant in sorted({(b, q) for b, q in zip(bench["backend"], bench["quant"]) if q.startswith("int4")}):
-        gain = speed_gain(frame, backend, quant)
+    for (backend, quant), gain in int4_gains(frame).items():
         order = sorted(gain.items(), key=lambda item: (item[0][0] != "decode", item[0][1]))
         parts.append(f"{backend} {quant}: " + ", ".join(f"{phase} b{int(batch)} {format_ratio(value)}"
                                                       for (phase, batch), value in order))
@@ -94,8 +108,53 @@ def int4_throughput(frame: pd.DataFrame) -> tuple[str, str]:
             case = f"{backend} {phase} batch {int(batch)}"
             reached[case] = reached.get(case, True) and value >= 2
     if not parts:
-        return _missing("backend_speed", "test_tokens_per_second")
+        return _missing("quantization", "test_speed_against_fp32")
     return "tokens/s over the same backend's fp32 (bN: batch N): " + "; ".join(parts), verdict(reached)
+
+
+def _quality(frame: pd.DataFrame, prefix: str) -> pd.DataFrame:
+    """The quantization suite's quality records of the weight formats whose name starts with `prefix`."""
+    quality = _passed(frame, "quantization", "test_quality_against_fp32")
+    quant = quality["quant"].astype(str)  # an empty selection has no string dtype
+    return quality[quant.str.startswith(prefix) & ~quant.str.endswith("-kv")]
+
+
+def _quality_text(row) -> str:
+    return (f"{row['backend']} {row['quant']}: same top-1 {format_percent(row['metric.same_top1'])}, mean KLD "
+            f"{format_number(row['metric.mean_kld'])}, PPL {row['metric.delta_ppl'] / row['metric.base_ppl']:+.1%}")
+
+
+def int8_quality(frame: pd.DataFrame) -> tuple[str, str]:
+    quality = _quality(frame, "int8")
+    if not len(quality):
+        return _missing("quantization", "test_quality_against_fp32")
+    reached = {f"{r['backend']} {r['quant']}": r["metric.same_top1"] >= MINIMAL_LOSS_TOP1 for _, r in quality.iterrows()}
+    return "; ".join(_quality_text(r) for _, r in quality.iterrows()), verdict(reached)
+
+
+def int4_quality(frame: pd.DataFrame) -> tuple[str, str]:
+    quality = _quality(frame, "int4")
+    if not len(quality):
+        return _missing("quantization", "test_quality_against_fp32")
+    reached = {f"{r['backend']} {r['quant']}": r["metric.delta_ppl"] <= SLIGHT_PPL_INCREASE * r["metric.base_ppl"]
+               for _, r in quality.iterrows()}
+    return "; ".join(_quality_text(r) for _, r in quality.iterrows()), verdict(reached)
+
+
+def int4_70b_at_measured_bits(frame: pd.DataFrame) -> tuple[str, str]:
+    """The seed's ~35 GB for a 70B model at INT4, at the bits per weight stored here (scales included)."""
+    memory = _passed(frame, "quantization", "test_memory")
+    if len(memory) and "metric.bits_per_weight" in memory:
+        memory = memory[memory["quant"].str.startswith("int4")].dropna(subset=["metric.bits_per_weight"])
+    if not len(memory):
+        return _missing("quantization", "test_memory")
+    bits = memory.groupby("quant")["metric.bits_per_weight"].first()
+    params = {name: kv_calc.param_count(kv_calc.NAMED[name]) for name in INT4_70B_MODELS}
+    sizes = {(name, quant): n * b / 8 / 1e9 for name, n in params.items() for quant, b in bits.items()}
+    reached = {f"{name} {quant}": abs(gb / INT4_70B_GB - 1) <= kv_calc.APPROX for (name, quant), gb in sizes.items()}
+    text = "; ".join(f"{name} {quant} ({b:.3g} bits/weight stored here): {gb:.1f} GB"
+                     for (name, quant), gb in sizes.items() for b in [bits[quant]])
+    return "weights at the bits per weight stored here, scales included: " + text, verdict(reached)
 
 
 def speculative_speed(frame: pd.DataFrame) -> tuple[str, str]:
@@ -160,7 +219,10 @@ MEASURED = (
      compression(("int8-dynamic",), 4)),
     (340, "INT4 (4-bit): 4 bits per parameter (8x compression, ...)", "onnx_export",
      compression(("int4-block32", "int4-block128"), 8)),
-    (430, "Quantization (INT4) | Memory, compute | 2-4x throughput", "backend_speed", int4_throughput),
+    (339, "INT8 (8-bit): 8 bits per parameter (4x compression, minimal quality loss)", "quantization", int8_quality),
+    (355, "At INT4, it needs ~35GB", "quantization", int4_70b_at_measured_bits),
+    (430, "Quantization (INT4) | Memory, compute | 2-4x throughput", "quantization", int4_throughput),
+    (430, "Quantization (INT4) | ... | Slight degradation", "quantization", int4_quality),
     ("369, 431", "If draft model acceptance rate is ~70%, get ~2-3x throughput improvement", "speculative",
      speculative_speed),
     (431, "Speculative decoding | ... | None (exact)", "speculative",
@@ -184,11 +246,19 @@ def calculator_rows() -> list[dict]:
     return rows
 
 
-def claims_table(frame: pd.DataFrame, pages: set[str]) -> Table:
-    rows = calculator_rows()
+QUANTIZATION_LINES = {"339", "354", "355", "430"}  # the quantization page's claims: weights' quality, size, speed
+
+
+def claims_table(frame: pd.DataFrame, pages: set[str], lines: set[str] | None = None) -> Table:
+    """Every claim (or those of the seed `lines` given) beside its measured figure and verdict."""
+    def wanted(line) -> bool:
+        return lines is None or str(line).split(",")[0] in lines
+
+    rows = [row for row in calculator_rows() if wanted(row["seed line"])]
     for line, quote, page, measure in MEASURED:
-        measured, verdict = measure(frame)
-        rows.append(_row(line, quote, page, measured, verdict))
+        if wanted(line):
+            measured, verdict = measure(frame)
+            rows.append(_row(line, quote, page, measured, verdict))
     table = pd.DataFrame(rows)
     table["shown in"] = table["shown in"].map(lambda p: f"[{p}]({p}.md)" if p in pages | {"kv_calc"} else "n/a")
     table = table.sort_values("seed line", key=lambda s: s.str.split(",").str[0].astype(int), kind="stable")
@@ -199,7 +269,8 @@ def claims_table(frame: pd.DataFrame, pages: set[str]) -> Table:
              f"as O(N) at most {LINEAR} and O(N^2)-like at least {QUADRATIC}; 'roughly constant' within "
              f"{CONSTANT_PER_TOKEN}x; a compression factor within {SIZE_TOLERANCE:.0%}; a speedup claim holds "
              "where the measured speedup reaches its lower end; soft labels beat hard labels when the agreement gap "
-             "exceeds two standard errors.",
+             f"exceeds two standard errors; 'minimal quality loss' is at least {MINIMAL_LOSS_TOP1:.0%} same top-1 "
+             f"as fp32, 'slight degradation' a perplexity at most {SLIGHT_PPL_INCREASE:.0%} above fp32's.",
              "Memory figures of real models: `python -m harness kv-calc --all --publish results`."]
     return Table("The seed's figures, measured here", table.reset_index(drop=True), notes,
                  reproduce="python -m harness run && python -m harness kv-calc --all --publish results")
