@@ -10,7 +10,7 @@ from backends.registry import register
 from backends.strategies import Attention, Batching, Quant, Strategy
 
 from .attention import IMPLEMENTATIONS, AttentionFn
-from .model import Transformer, TorchKVCache, TorchPagedKVCache, full_sequence_context
+from .model import Transformer, TorchKVCache, TorchPagedKVCache, full_sequence_context, fuse_projections
 from .quantize import IMPLEMENTATION, QUANTS, Int8KVCache, int8_round_trip, quantize_model, quantized_linears
 
 DTYPES = {Quant.FP32: torch.float32, Quant.BF16: torch.bfloat16, Quant.FP16: torch.float16}
@@ -35,6 +35,7 @@ class TorchRunner(ModelRunner, PackedStepRunner, PagedRunner):
         self.dtype = DTYPES.get(strategy.quant, torch.float32)  # quantized formats compute in fp32
         self.model = build_model(checkpoint, strategy.attention).to(device, self.dtype)
         quantize_model(self.model, strategy.quant, checkpoint)
+        fuse_projections(self.model)
         self.kv_int8 = strategy.quant == Quant.INT8_KV
 
     def new_cache(self, batch_size: int, capacity: int) -> TorchKVCache:
