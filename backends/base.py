@@ -26,6 +26,8 @@ Every backend runs `batching:sequential` and `batching:static` with the core met
 """
 from __future__ import annotations
 
+import importlib
+
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -41,6 +43,19 @@ class CacheFullError(RuntimeError):
 
 class UnsupportedModel(ValueError):
     """The backend cannot express this model configuration or strategy; the message says what."""
+
+
+class BackendUnavailable(UnsupportedModel):
+    """A package the backend needs is not installed (the plugin reports it as a skip naming the package)."""
+
+
+def import_package(module: str, package: str | None = None):
+    """Import `module`, or raise BackendUnavailable naming the package that provides it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        package = package or module
+        raise BackendUnavailable(f"{package} is not installed ({error}); pip install {package}") from None
 
 
 class KVCache(ABC):

@@ -69,6 +69,8 @@ INFO_METRICS = {
     "requests", "output_tokens", "request_throughput", "output_throughput", "output_throughput_uncached",
     "kv_waste_pct", "preemptions", "max_running", "steps", "mixed_steps", "prefix_tokens_skipped", "ttft_cut_pct",
     "ttft_mean_ms_uncached",
+    # engines: the roofline fraction depends on the machine's measured bandwidth, read in the same run
+    "roofline_fraction", "machine_read_GBps",
 }
 INFO_SUFFIXES = ("_s", "_ms", "_bytes", "_mb", "_error", "_ratio", "_pvalue", "_err")
 

@@ -25,18 +25,18 @@ def median(values: list[float]) -> float:
     return float(torch.tensor(values).median())
 
 
-def timed_phase(runner: ModelRunner, phase: str, tokens: torch.Tensor) -> float:
-    """Seconds for the phase on (B, PROMPT_TOKENS + DECODE_TOKENS) tokens."""
+def timed_phase(runner: ModelRunner, phase: str, tokens: torch.Tensor, prompt_tokens: int = PROMPT_TOKENS) -> float:
+    """Seconds for the phase on (B, prompt_tokens + decode tokens) tokens."""
     batch = tokens.shape[0]
     cache = runner.new_cache(batch, tokens.shape[1])
-    prompt_positions = torch.arange(PROMPT_TOKENS).expand(batch, -1)
+    prompt_positions = torch.arange(prompt_tokens).expand(batch, -1)
     if phase == "prefill":
         start = time.perf_counter()
-        runner.forward(cache, tokens[:, :PROMPT_TOKENS], prompt_positions)
+        runner.forward(cache, tokens[:, :prompt_tokens], prompt_positions)
         return time.perf_counter() - start
-    runner.forward(cache, tokens[:, :PROMPT_TOKENS], prompt_positions)
+    runner.forward(cache, tokens[:, :prompt_tokens], prompt_positions)
     start = time.perf_counter()
-    for t in range(PROMPT_TOKENS, tokens.shape[1]):
+    for t in range(prompt_tokens, tokens.shape[1]):
         runner.forward(cache, tokens[:, t:t + 1], torch.full((batch, 1), t))
     return time.perf_counter() - start
 

@@ -128,11 +128,14 @@ def test_rollback_then_decode_matches_recompute(load_runner, model, record):
 
 @pytest.mark.exactness
 def test_kv_bytes_per_token_match_the_formula(load_runner, model, quant, record):
-    """2 x n_layers x n_kv_heads x head_dim x bytes per element, measured from the tensors allocated."""
+    """2 x n_layers x n_kv_heads x head_dim x bytes per element, measured from the tensors allocated once the cache
+    is full (a cache preallocated at its capacity, or one that grows as tokens arrive, such as transformers')."""
     runner = load_runner(model.checkpoint, Strategy(quant))
     batch, capacity = 3, 40
     cache = runner.new_cache(batch, capacity)
     cfg = runner.config
+    tokens = torch.randint(0, cfg.vocab_size, (batch, capacity), generator=torch.Generator().manual_seed(0))
+    runner.forward(cache, tokens, torch.arange(capacity).expand(batch, -1))
     per_token = cache.allocated_bytes / (batch * capacity)
     expected = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * cache.element_bytes
     record(kv_bytes_per_token=per_token, element_bytes=cache.element_bytes)

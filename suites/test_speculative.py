@@ -27,7 +27,9 @@ from backends.algorithms.speculative import Drafter, ModelDraft, PromptLookupDra
 from backends.strategies import Quant, Strategy
 from harness.models import parametrize_models, random_checkpoint, resolve_model
 from harness.oracles import assert_distribution, assert_greedy_agrees
+from harness.plugin import require
 
+ROLLBACK = "cache-rollback"  # speculative decoding rolls each row back to its own accepted length
 K_VALUES = [pytest.param(k, id=f"k{k}") for k in range(1, 9)]
 GREEDY_TOKENS = 64
 ALPHA = 1e-4  # significance of every chi-square test
@@ -129,6 +131,7 @@ def assert_same_tokens(result, expected: Generation) -> None:
 @pytest.mark.parametrize("k", K_VALUES)
 @pytest.mark.parametrize("draft", GREEDY_DRAFTS)
 def test_greedy_matches_target(backend, model, load_runner, record, draft, k):
+    require(backend, ROLLBACK)
     checkpoint = model.checkpoint
     drafter = make_drafter(draft, backend, checkpoint, load_runner)
     target = load_runner(checkpoint, Strategy())  # loaded last: the record names the target's model and strategy
@@ -170,6 +173,7 @@ def test_draft_cache_follows_accepted_tokens(backend, model, load_runner, record
     its cache holds the accepted tokens and nothing else (a stale draft cache would not change the output, only
     the acceptance, so the greedy test alone cannot see it). The check needs a run with a fully accepted round
     and a rejection: the first (k, prompts) of DRAFT_CACHE_TRIES that gives both is used."""
+    require(backend, ROLLBACK)
     draft_runner = load_runner(trained_draft_checkpoint(model.checkpoint), Strategy())
     target = load_runner(model.checkpoint, Strategy())
     full_rounds = rejections = 0
@@ -384,6 +388,7 @@ def test_sampling_matches_target_distribution(backend, load_runner, record, draf
     """Speculative sampling (k=2, 4 new tokens, every row accepting on its own) and plain sampling from the target
     both follow the target's exact joint distribution of the 5^4 continuations. Drafts: another random model
     (q a full distribution), and prompt lookup (q one-hot, and rounds with nothing to propose)."""
+    require(backend, ROLLBACK)
     drafter = ModelDraft(load_runner(tiny_vocab_checkpoint(1), Strategy())) if draft == "random-model" \
         else PromptLookupDraft(TINY_VOCAB.vocab_size)
     target = load_runner(tiny_vocab_checkpoint(0), Strategy())
@@ -448,6 +453,7 @@ def test_speedup(backend, model, load_runner, record, benchmark, draft, k):
     """Batch 1, greedy: the speculative decoder and the target alone, timed alternately in the same run.
     c is the draft's cost per drafted token over the target's cost per token alone (prefill amortized in both);
     verify_cost is one verification forward (k+1 tokens, plus the sampler) in the same unit."""
+    require(backend, ROLLBACK)
     checkpoint = model.checkpoint
     drafter = make_drafter(draft, backend, checkpoint, load_runner)
     target = load_runner(checkpoint, Strategy())

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from backends.onnxrt.backend import BackendUnavailable, OnnxRuntimeBackend
+from backends.base import BackendUnavailable
+from backends.onnxrt.backend import OnnxRuntimeBackend
 from backends.strategies import Strategy
 from harness.models import small_checkpoint
 

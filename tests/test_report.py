@@ -232,3 +232,29 @@ def test_the_quantization_page_plots_and_judges_the_seed_claims(tmp_path):
     assert "int4-block128 (4.25 bits/weight stored here)" in size_70b
     assert "holds only for llama-2-70b int4-block128" in size_70b  # 36.6 GB within 5% of 35; llama-3-70b's 37.5 not
     assert "nan" not in page.lower()
+
+
+def test_the_engines_page_shows_ratios_roofline_and_the_same_token_check(tmp_path):
+    from harness.report import suite_tables
+
+    def speed(backend, phase, batch, ratio, roofline=None):
+        metrics = {"tokens_per_s": 100 * ratio, "baseline_tokens_per_s": 100.0, "ratio_to_torch_fp32": ratio}
+        params = {"phase": phase, "batch": batch, "threads": 1, "prompt_tokens": 64, "decode_tokens": 128}
+        if roofline is not None:
+            metrics.update(roofline_fraction=roofline, machine_read_GBps=12.5)
+            params["weights_fit_in_llc"] = False
+        return make(f"test_engine_tokens_per_second[{backend}-{phase}-b{batch}]", suite="engines", tier="bench",
+                    backend=backend, params=params, metrics=metrics)
+
+    records = [speed("torch", "decode", 1, 1.0, 0.31), speed("transformers", "decode", 1, 0.8, 0.25),
+               speed("transformers", "prefill", 1, 0.9),
+               make("test_same_tokens[transformers]", suite="engines", tier="bench", backend="transformers",
+                    metrics={"first_mismatch": -1})]
+    text = "\n".join(t.markdown() for t in suite_tables("engines", records_frame(records), tmp_path))
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| transformers")}
+    assert rows["transformers"] == ["fp32", "1", "25%"]  # the last table with such a row: the roofline
+    assert "| transformers | fp32       |         1 |         0.9x |        0.8x |" in text
+    assert "31%" in text and "12.5 GB/s" in text and "do not fit in the last-level cache" in text
+    assert "Same tokens as torch fp32" in text and "nan" not in text.lower()
+    assert (tmp_path / "engines_default-target.png").is_file()

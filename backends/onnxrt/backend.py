@@ -6,9 +6,7 @@ a skip.
 """
 from __future__ import annotations
 
-import importlib
-
-from backends.base import Backend, ModelRunner, UnsupportedModel
+from backends.base import Backend, ModelRunner, import_package
 from backends.checkpoint import POSITIONS, Checkpoint
 from backends.registry import register
 from backends.strategies import Attention, Batching, Quant, Strategy
@@ -18,16 +16,9 @@ QUANTS = (Quant.FP32, Quant.FP16, Quant.INT8_DYNAMIC, Quant.INT4_BLOCK32, Quant.
 DEPENDENCIES = {"onnxruntime": "onnxruntime", "onnx": "onnx"}  # module -> the package that provides it
 
 
-class BackendUnavailable(UnsupportedModel):
-    """A package the backend needs is not installed."""
-
-
 def check_dependencies() -> None:
     for module, package in DEPENDENCIES.items():
-        try:
-            importlib.import_module(module)
-        except ImportError as error:
-            raise BackendUnavailable(f"{package} is not installed ({error}); pip install {package}") from None
+        import_package(module, package)
 
 
 @register

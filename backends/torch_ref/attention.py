@@ -42,12 +42,19 @@ def naive_attention(q, k, v, allowed, bias, scale, score_cap: float | None = Non
 
 
 def sdpa_attention(q, k, v, allowed, bias, scale):
-    k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
+    B, H, T, D = q.shape
+    n_kv, groups = k.shape[1], H // k.shape[1]
     if bias is None:
         mask = allowed
     else:
         mask = bias.to(q.dtype).masked_fill(~allowed, float("-inf"))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    # GQA without copying the cache: kv head j serves query heads j*G .. j*G+G-1, so those G heads' queries are
+    # stacked as G*T rows of one attention call over kv head j's keys: (B, Hkv, G*T, D)
+    q = q.reshape(B, n_kv, groups * T, D)
+    S = mask.shape[-1]
+    mask = mask[:, :, None].expand(B, 1, groups, T, S) if mask.shape[1] == 1 else mask.unflatten(1, (n_kv, groups))
+    mask = mask.reshape(B, -1, groups * T, S)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).view(B, H, T, D)
     return out.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
 
 

@@ -10,7 +10,7 @@ from backends.registry import register
 from backends.strategies import Attention, Batching, Quant, Strategy
 
 from .attention import IMPLEMENTATIONS, AttentionFn
-from .model import Transformer, TorchKVCache, TorchPagedKVCache, full_sequence_context
+from .model import Transformer, TorchKVCache, TorchPagedKVCache, full_sequence_context, fuse_projections
 from .quantize import (IMPLEMENTATION, QUANTS, Fp16KVCache, Int8KVCache, fp16_round_trip, int8_round_trip, quantize_model,
                        quantized_linears)
 
@@ -38,6 +38,7 @@ class TorchRunner(ModelRunner, PackedStepRunner, PagedRunner):
         self.dtype = DTYPES.get(strategy.quant, torch.float32)  # quantized formats compute in fp32
         self.model = build_model(checkpoint, strategy.attention).to(device, self.dtype)
         quantize_model(self.model, strategy.quant, checkpoint)
+        fuse_projections(self.model)
         self.kv_round_trip = KV_ROUND_TRIPS.get(strategy.quant)  # a quantized KV cache: what it keeps of K/V
 
     def new_cache(self, batch_size: int, capacity: int) -> TorchKVCache:

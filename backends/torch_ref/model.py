@@ -86,6 +86,32 @@ def rope_cos_sin(config: ModelConfig, positions: torch.Tensor,
     return (angles.cos() * magnitude).to(dtype), (angles.sin() * magnitude).to(dtype)
 
 
+class RopeTable:
+    """rope_cos_sin for one config, read from cos/sin rows computed once per dtype and device (bit-identical: the
+    same fp64 angles, rounded once), so a decode step only gathers. Dynamic NTK and LongRoPE pick their frequencies
+    by the call's furthest position, so they are computed per call."""
+
+    def __init__(self, config: ModelConfig):
+        self.config = config
+        scaling = config.rope_scaling
+        self.per_call = scaling is not None and scaling.kind in ("dynamic-ntk", "longrope")
+        self.tables: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        lowest, highest = (int(p) for p in positions.aminmax())
+        if self.per_call or lowest < 0:  # a negative position (padding a caller left unmasked) has no table row
+            return rope_cos_sin(self.config, positions, dtype)
+        cos, sin = self.tables.get((dtype, positions.device), (None, None))
+        needed = highest + 1
+        if cos is None or cos.shape[0] < needed:
+            rows = max(needed, self.config.max_position_embeddings, 2 * (0 if cos is None else cos.shape[0]))
+            with torch.inference_mode(False):  # a plain tensor, usable by autograd (training) as well
+                cos, sin = rope_cos_sin(self.config, torch.arange(rows, device=positions.device)[None], dtype)
+            cos, sin = cos[0, 0], sin[0, 0]  # (rows, rotary_dim)
+            self.tables[(dtype, positions.device)] = cos, sin
+        return cos[positions][:, None], sin[positions][:, None]  # (B, 1, T, rotary_dim)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first cos.shape[-1] dims of each head (all of them unless RoPE is partial); the rest pass."""
     if cos.shape[-1] < x.shape[-1]:
@@ -130,13 +156,14 @@ class AttentionContext:
     key_positions: torch.Tensor  # (B, S)
     cache: TorchKVCache | None = None
     slots: torch.Tensor | None = None  # (B, T) cache slots of the new tokens
+    first_slot: int | None = None  # every row's new tokens go to slots first_slot.. (None: rows differ)
     kv_round_trip: Callable[[torch.Tensor], torch.Tensor] | None = None  # no cache: what a quantized cache stores
 
     def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new (B, Hkv, T, D) keys/values and return every key/value the queries may read."""
         if self.cache is None:
             return (k, v) if self.kv_round_trip is None else (self.kv_round_trip(k), self.kv_round_trip(v))
-        return self.cache.store(layer, self.slots, k, v, self.allowed.shape[-1])
+        return self.cache.store(layer, self.slots, self.first_slot, k, v, self.allowed.shape[-1])
 
     def attend(self, kernel, layer: int, q, k, v, slopes: torch.Tensor | None, scale: float,
                window: int | None = None) -> torch.Tensor:
@@ -217,6 +244,21 @@ def causal_mask(query_slots: torch.Tensor, key_valid: torch.Tensor) -> torch.Ten
     return (before & (key_valid[:, None, :] | itself))[:, None]
 
 
+def write_slots(buffer: torch.Tensor, slots: torch.Tensor, first_slot: int | None, new: torch.Tensor) -> None:
+    """buffer[b, ..., slots[b, t], :] = new[b, ..., t, :] for a (B, [Hkv,] C[, D]) buffer and (B, [Hkv,] T[, D]) new
+    values: a slice copy when every row writes the same slots (first_slot..), else a scatter by row."""
+    slot_dim = 1 if buffer.dim() == 2 else 2
+    if first_slot is not None:
+        buffer.narrow(slot_dim, first_slot, slots.shape[1]).copy_(new)
+        return
+    rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
+    # advanced indices (rows, slots) around a slice put (B, T) first: assign (B, T, Hkv, D)
+    if slot_dim == 1:
+        buffer[rows, slots] = new
+    else:
+        buffer[rows, :, slots] = new.transpose(1, 2)
+
+
 class TorchKVCache(KVCache):
     """Preallocated keys and values, (n_layers, B, Hkv, capacity, D), plus each slot's position and validity."""
 
@@ -261,20 +303,20 @@ class TorchKVCache(KVCache):
         """Reserve slots for (B, T) new tokens and build the mask every layer uses."""
         n_new = positions.shape[1]
         self.check_room(n_new)
+        shortest, longest = (int(n) for n in self._lengths.aminmax())
+        first_slot = shortest if shortest == longest else None
         slots = self._lengths[:, None] + torch.arange(n_new, device=positions.device)  # (B, T)
-        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
-        self.valid[rows, slots] = token_mask
-        self.positions[rows, slots] = positions
+        write_slots(self.valid, slots, first_slot, token_mask)
+        write_slots(self.positions, slots, first_slot, positions)
         self._lengths = self._lengths + n_new
-        seen = int(self._lengths.max())  # attend over the slots any row has filled
+        seen = longest + n_new  # attend over the slots any row has filled
         allowed = causal_mask(slots, self.valid[:, :seen])
-        return AttentionContext(allowed, positions, self.positions[:, :seen], self, slots)
+        return AttentionContext(allowed, positions, self.positions[:, :seen], self, slots, first_slot=first_slot)
 
-    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: int):
-        rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
-        # advanced indices (rows, slots) around a slice put (B, T) first: assign (B, T, Hkv, D)
-        self.k[layer][rows, :, slots] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[layer][rows, :, slots] = v.transpose(1, 2).to(self.v.dtype)
+    def store(self, layer: int, slots: torch.Tensor, first_slot: int | None, k: torch.Tensor, v: torch.Tensor,
+              seen: int):
+        write_slots(self.k[layer], slots, first_slot, k.to(self.k.dtype))
+        write_slots(self.v[layer], slots, first_slot, v.to(self.v.dtype))
         return self.k[layer, :, :, :seen], self.v[layer, :, :, :seen]
 
     def begin_packed(self, positions: torch.Tensor, rows: torch.Tensor) -> PackedContext:
@@ -408,6 +450,52 @@ def default_attention(config: ModelConfig) -> Attention:
     return Attention.NAIVE if config.attn_softcap is not None else Attention.SDPA
 
 
+@dataclass
+class FusedLinear:
+    """Several Linears over the same input as one: their weights stacked by output row (one matmul, one read of the
+    input), with each part's output width. A plain attribute, not a submodule: the state dict, quantization and
+    weight counts keep seeing the separate layers, whose weights are views of these rows."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    widths: list[int]
+
+
+def fuse_linears(linears: tuple[nn.Linear, ...]) -> FusedLinear | None:
+    """The linears as one FusedLinear, their parameters rebound to views of it; None unless all are plain fp/bf
+    weights of one dtype (a quantized layer keeps its own kernel)."""
+    plain = all(type(m) is nn.Linear and type(m.weight.data) is torch.Tensor for m in linears)
+    if not plain or len({(m.weight.dtype, m.weight.device, m.bias is None) for m in linears}) != 1:
+        return None
+    with torch.no_grad():
+        weight = torch.cat([m.weight for m in linears])
+        bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+        widths = [m.out_features for m in linears]
+        for linear, rows, part_bias in zip(linears, weight.split(widths), [None] * len(linears) if bias is None
+                                           else bias.split(widths)):
+            linear.weight = nn.Parameter(rows, requires_grad=linear.weight.requires_grad)
+            if part_bias is not None:
+                linear.bias = nn.Parameter(part_bias, requires_grad=linear.bias.requires_grad)
+    return FusedLinear(weight, bias, widths)
+
+
+def fused_outputs(x: torch.Tensor, fused: FusedLinear | None, linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
+    """Each linear's output for input x: one matmul when fused, else one call per layer."""
+    if fused is None:
+        return tuple(linear(x) for linear in linears)
+    return F.linear(x, fused.weight, fused.bias).split(fused.widths, dim=-1)
+
+
+def fuse_projections(model: Transformer) -> None:
+    """Fuse each layer's q/k/v and gate/up projections (for inference: call after the model's final dtype, device
+    and quantization are set; a later .to() would copy the separate weights away from the fused rows)."""
+    for layer in model.model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        attention.fused = fuse_linears((attention.q_proj, attention.k_proj, attention.v_proj))
+        if mlp.gated:
+            mlp.fused = fuse_linears((mlp.gate_proj, mlp.up_proj))
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, attention: Attention):
         super().__init__()
@@ -423,6 +511,7 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * hd, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.n_heads * hd, config.d_model, bias=config.out_bias)
+        self.fused: FusedLinear | None = None  # q, k, v in one matmul (fuse_projections)
         if config.qk_norm:
             self.q_norm, self.k_norm = make_norm(config, hd), make_norm(config, hd)
         if config.position == "alibi":
@@ -431,9 +520,10 @@ class SelfAttention(nn.Module):
     def forward(self, x, layer: int, ctx: AttentionContext, rope: tuple[torch.Tensor, torch.Tensor] | None):
         B, T, _ = x.shape
         cfg = self.config
-        q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        q, k, v = fused_outputs(x, self.fused, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # keys are rotated before they are cached, at their own positions
@@ -454,10 +544,12 @@ class MLP(nn.Module):
             self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=not self.gated)
         self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=not self.gated)
+        self.fused: FusedLinear | None = None  # gate and up in one matmul (fuse_projections)
 
     def forward(self, x):
         if self.gated:
-            return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
+            gate, up = fused_outputs(x, self.fused, (self.gate_proj, self.up_proj))
+            return self.down_proj(self.activation(gate) * up)
         return self.down_proj(self.activation(self.up_proj(x)))
 
 
@@ -502,6 +594,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.rope_tables = {local: RopeTable(config.local_rope() if local else config) for local in (False, True)}
 
     def forward(self, tokens: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """(B, T) tokens -> (B, T, V) logits, in the model's dtype."""
@@ -509,8 +602,8 @@ class Transformer(nn.Module):
         ropes = None
         if cfg.position == "rope":
             wide = compute_dtype(self.model.embed_tokens.weight.dtype)
-            rope = rope_cos_sin(cfg, ctx.query_positions, wide)
-            local = rope if cfg.local_rope_theta is None else rope_cos_sin(cfg.local_rope(), ctx.query_positions, wide)
+            rope = self.rope_tables[False].cos_sin(ctx.query_positions, wide)
+            local = rope if cfg.local_rope_theta is None else self.rope_tables[True].cos_sin(ctx.query_positions, wide)
             ropes = (rope, local)
         return self.run(tokens, ctx, ropes)
 

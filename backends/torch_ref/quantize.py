@@ -34,7 +34,7 @@ from backends.checkpoint import TOKENIZER_FILE, Checkpoint, ModelConfig, check_t
 from backends.quant.formats import INT4_ZERO_POINT, Fp8Channels, Int4Blocks, Int8Channels, int4_block_scales, unpack_nibbles
 from backends.strategies import Quant
 
-from .model import TorchKVCache
+from .model import TorchKVCache, write_slots
 
 try:  # imported with the backend, once: torchao registers torch operator libraries that refuse a second import
     import torchao.quantization as torchao_quantization  # (pytester's in-process runs drop modules they imported)
@@ -346,12 +346,12 @@ class Int8KVCache(TorchKVCache):
         """1 byte per code plus the per-token-and-head fp32 scale spread over head_dim elements."""
         return 1 + 4 / self.k.shape[-1]
 
-    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: int):
-        rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
+    def store(self, layer: int, slots: torch.Tensor, first_slot: int | None, k: torch.Tensor, v: torch.Tensor,
+              seen: int):
         for codes, scales, new in ((self.k, self.k_scales, k), (self.v, self.v_scales, v)):
-            stored = self.quantize(new.transpose(1, 2))  # (B, T, Hkv, D)
-            codes[layer][rows, :, slots] = stored.codes
-            scales[layer][rows, :, slots] = stored.scales
+            stored = self.quantize(new)  # (B, Hkv, T, D) codes, (B, Hkv, T, 1) scales
+            write_slots(codes[layer], slots, first_slot, stored.codes)
+            write_slots(scales[layer], slots, first_slot, stored.scales)
         k_all = self.k[layer, :, :, :seen].float() * self.k_scales[layer, :, :, :seen]
         v_all = self.v[layer, :, :, :seen].float() * self.v_scales[layer, :, :, :seen]
         return k_all, v_all
