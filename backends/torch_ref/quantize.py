@@ -370,6 +370,7 @@ class Fp16KVCache(TorchKVCache):
         super().__init__(config, batch_size, capacity, torch.float16, device)
         self.compute_dtype = compute_dtype
 
-    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: int):
-        k_all, v_all = super().store(layer, slots, k, v, seen)
+    def store(self, layer: int, slots: torch.Tensor, first_slot: int | None, k: torch.Tensor, v: torch.Tensor,
+              seen: int):
+        k_all, v_all = super().store(layer, slots, first_slot, k, v, seen)
         return k_all.to(self.compute_dtype), v_all.to(self.compute_dtype)
