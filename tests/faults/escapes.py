@@ -1,0 +1,105 @@
+"""Faults of the four kinds that once escaped the suites (issue 13), one or more per kind; each is caught by the
+suite meant for it, with a message naming the area.
+
+1. Low precision: an accumulator, the rotary angles or the KV cache in a narrower format than the strategy names,
+   in every path of the backend (its own recompute path too, so only a yardstick the harness computes shows it).
+2. Sampling parameters: temperature, top-k and top-p applied wrongly, in the draft or in the shared filter.
+3. Rollback of ragged rows: rows rolled back by different amounts.
+4. Positions and padding: positions that are not "slot + a per-row constant", padding after the prefill.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backends.torch_ref.backend import TorchBackend, TorchRunner
+from backends.torch_ref.model import RMSNorm, Transformer, TorchKVCache, full_sequence_context, rope_frequencies
+
+from . import Fault
+
+
+def planted(name: str, runner_cls: type[TorchRunner]) -> type[TorchBackend]:
+    """A reference backend named `name` whose runner is `runner_cls`."""
+    return type(f"Planted{runner_cls.__name__}", (TorchBackend,), {"name": name, "runner_class": runner_cls})
+
+
+# --- 1. low precision ------------------------------------------------------------------------------
+
+
+class Bf16RoundedKVCache(TorchKVCache):
+    """Keys and values rounded to bf16 as they are stored, in tensors of the strategy's type (4 bytes an element
+    in fp32: the KV-bytes check cannot see it)."""
+
+    def store(self, layer, slots, k, v, seen):
+        return super().store(layer, slots, k.to(torch.bfloat16).to(k.dtype), v.to(torch.bfloat16).to(v.dtype), seen)
+
+
+def bf16_round_trip(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).to(t.dtype)
+
+
+class Bf16KVRunner(TorchRunner):
+    """The KV cache holds bf16 values whatever the strategy names; the recompute path rounds K/V the same way."""
+
+    def new_cache(self, batch_size, capacity):
+        return Bf16RoundedKVCache(self.config, batch_size, capacity, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward_full(self, tokens, positions, token_mask=None):
+        tokens, positions, mask = self._inputs(tokens, positions, token_mask)
+        context = full_sequence_context(positions, mask)
+        context.kv_round_trip = bf16_round_trip
+        return self.model(tokens, context).float()
+
+
+class RopeAnglesInModelDtype(Transformer):
+    """Rotary angles (position x inverse frequency) computed in the model's dtype, not in float64."""
+
+    def forward(self, tokens, ctx):
+        dtype = self.model.embed_tokens.weight.dtype
+        inv_freq, _ = rope_frequencies(self.config, int(ctx.query_positions.max()) + 1)
+        angles = ctx.query_positions.to(dtype)[..., None] * inv_freq.to(dtype)  # (B, T, rotary_dim/2)
+        angles = torch.cat([angles, angles], dim=-1)[:, None]
+        rope = (angles.cos(), angles.sin())
+        return self.run(tokens, ctx, (rope, rope))
+
+
+class LowPrecisionRopeRunner(TorchRunner):
+    def __init__(self, checkpoint, strategy, device):
+        super().__init__(checkpoint, strategy, device)
+        self.model.__class__ = RopeAnglesInModelDtype
+
+
+class NarrowRMSNorm(RMSNorm):
+    """The mean of squares accumulated in the activations' own dtype (bf16), not in fp32."""
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+class NarrowNormRunner(TorchRunner):
+    def __init__(self, checkpoint, strategy, device):
+        super().__init__(checkpoint, strategy, device)
+        for module in self.model.modules():
+            if type(module) is RMSNorm:
+                module.__class__ = NarrowRMSNorm
+
+
+KV_SUITE = "suites/test_kv_cache.py"
+PRECISION_MESSAGE = "*KV cache: {quant}*exceeds 2.0 x plain error*yardstick: the harness's reference model*"
+
+FAULTS = [
+    Fault("kv-cache-bf16-when-fp32", "kv-cache", "the KV cache rounds keys and values to bf16 under fp32 "
+          "(in 4-byte elements), and so does the recompute path", KV_SUITE, "low_precision and fp32",
+          PRECISION_MESSAGE.format(quant="fp32"), backend=planted("kv-cache-bf16-when-fp32", Bf16KVRunner),
+          args=("--quant", "fp32")),
+    Fault("kv-cache-bf16-when-fp16", "kv-cache", "the KV cache holds bf16 values under fp16, in every path",
+          KV_SUITE, "low_precision and fp16", PRECISION_MESSAGE.format(quant="fp16"),
+          backend=planted("kv-cache-bf16-when-fp16", Bf16KVRunner), args=("--quant", "fp16")),
+    Fault("rope-angles-in-bf16", "kv-cache", "rotary angles computed in bf16 under bf16", KV_SUITE,
+          "low_precision and bf16", PRECISION_MESSAGE.format(quant="bf16"),
+          backend=planted("rope-angles-in-bf16", LowPrecisionRopeRunner), args=("--quant", "bf16")),
+    Fault("rmsnorm-accumulates-in-bf16", "kv-cache", "RMSNorm's mean of squares accumulated in bf16 under bf16",
+          KV_SUITE, "low_precision and bf16", PRECISION_MESSAGE.format(quant="bf16"),
+          backend=planted("rmsnorm-accumulates-in-bf16", NarrowNormRunner), args=("--quant", "bf16")),
+]
