@@ -86,10 +86,10 @@ def fp32_floor(reference: torch.Tensor) -> float:
 
 
 def assert_fp32_by_oracle(optimized: torch.Tensor, plain: torch.Tensor, reference: torch.Tensor,
-                          k: float = 2.0) -> OracleResult:
+                          k: float = 2.0, what: str = "") -> OracleResult:
     """An fp32 path against the fp64 reference: at most k x the error of the plain fp32 path, that error floored
     at one fp32 ulp of the largest reference value (the module docstring says why)."""
-    return assert_by_oracle(optimized, plain, reference, k, floor=fp32_floor(reference))
+    return assert_by_oracle(optimized, plain, reference, k, floor=fp32_floor(reference), what=what)
 
 
 def assert_by_precision_reference(optimized: torch.Tensor, in_precision: torch.Tensor, reference: torch.Tensor,

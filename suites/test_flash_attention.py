@@ -104,12 +104,12 @@ def check_kernel(kernel, case: Case, dtype: str) -> dict[str, float]:
     plain = reference_attention(*lowp, allowed, low_bias, scale)
     out = kernel(*lowp, allowed, low_bias, scale)
     assert out.shape == reference.shape and out.dtype == low, f"kernel returned {tuple(out.shape)} {out.dtype}"
-    return assert_rule(out, plain, reference, fp32=low == torch.float32)
+    return assert_rule(out, plain, reference, fp32=low == torch.float32, what=f"attention kernel: {dtype}, {case}")
 
 
-def assert_rule(optimized, plain, reference, fp32: bool) -> dict[str, float]:
+def assert_rule(optimized, plain, reference, fp32: bool, what: str) -> dict[str, float]:
     """The oracle rule with K (fp32: the plain error floored at one ulp, harness/oracles.py); the figures to record."""
-    result = (assert_fp32_by_oracle if fp32 else assert_by_oracle)(optimized, plain, reference, k=K)
+    result = (assert_fp32_by_oracle if fp32 else assert_by_oracle)(optimized, plain, reference, k=K, what=what)
     return {"optimized_error": result.optimized_error, "plain_error": result.plain_error, "error_ratio": result.ratio}
 
 
@@ -239,7 +239,8 @@ def test_model_logits_match_naive(backend, load_runner, quant, attention, case, 
     optimized = prefill_then_decode(load_runner(checkpoint, Strategy(quant, attention)), tokens)
     plain = prefill_then_decode(plain_runner(backend, checkpoint, quant), tokens)
     reference = float64_reference(checkpoint).forward_full(tokens, torch.arange(tokens.shape[1]).expand_as(tokens))
-    record(**assert_rule(optimized, plain, reference, fp32=quant == Quant.FP32))
+    record(**assert_rule(optimized, plain, reference, fp32=quant == Quant.FP32,
+                         what=f"attention {attention.value} in a model: {quant.value}, {checkpoint.name}"))
 
 
 # --- bench: time and peak extra memory against N ---------------------------------------------------
