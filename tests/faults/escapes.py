@@ -9,9 +9,13 @@ suite meant for it, with a message naming the area.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
+from backends.algorithms import generation, rejection_sampler, speculative
+from backends.algorithms.generation import Sampling
 from backends.torch_ref.backend import TorchBackend, TorchRunner
 from backends.strategies import Attention
 from backends.torch_ref.attention import FlashAttention
@@ -89,7 +93,53 @@ class NarrowAccumulatorFlashBackend(TorchBackend):
         return {**super().attention_kernels(), Attention.FLASH: NarrowAccumulatorFlash()}
 
 
+# --- 2. sampling parameters: patches into the shared sampling code -----------------------------------
+
+SAMPLING_MODULES = (generation, rejection_sampler)  # each binds filter_logits by name
+correct_filter = generation.filter_logits
+
+
+def patch_filter(monkeypatch: pytest.MonkeyPatch, faulty) -> None:
+    for module in SAMPLING_MODULES:
+        monkeypatch.setattr(module, "filter_logits", faulty)
+
+
+def top_p_one_token_short(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """Top-p drops the token that carries the kept mass past top_p (where more than one is kept)."""
+    kept = correct_filter(logits, sampling)
+    if sampling.top_p < 1.0:
+        least = kept.masked_fill(kept.isinf(), math.inf).argmin(dim=-1, keepdim=True)
+        several = (~kept.isinf()).sum(dim=-1, keepdim=True) > 1
+        kept = kept.scatter(-1, least, torch.where(several, -math.inf, kept.gather(-1, least)))
+    return kept
+
+
+def top_k_after_top_p(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """Top-p over the whole tempered distribution first, then top-k of what is left."""
+    after_top_p = correct_filter(logits, Sampling(sampling.temperature, 0, sampling.top_p))
+    return correct_filter(after_top_p, Sampling(1.0, sampling.top_k, 1.0))
+
+
+def temperature_after_filters(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """Top-k and top-p chosen on the untempered logits; the temperature applied to what they keep."""
+    return correct_filter(logits, Sampling(1.0, sampling.top_k, sampling.top_p)) / sampling.temperature
+
+
+def draft_samples_untempered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The draft model reports its tempered, filtered distribution q but draws its token from the untempered one
+    (the draft's draw is the only `draw` speculative.py calls; `distribution` is its q, computed just before)."""
+    last = {}
+
+    def distribution(logits, sampling):
+        last["untempered"] = rejection_sampler.distribution(logits, Sampling(1.0, sampling.top_k, sampling.top_p))
+        return rejection_sampler.distribution(logits, sampling)
+
+    monkeypatch.setattr(speculative, "distribution", distribution)
+    monkeypatch.setattr(speculative, "draw", lambda q, uniforms: rejection_sampler.draw(last["untempered"], uniforms))
+
+
 KV_SUITE = "suites/test_kv_cache.py"
+SPECULATIVE_SUITE = "suites/test_speculative.py"
 PRECISION_MESSAGE = "*KV cache: {quant}*yardstick: the harness's reference model*exceeds 2.0 x plain error*"
 
 FAULTS = [
@@ -104,4 +154,16 @@ FAULTS = [
           "output in bf16 between key tiles", "suites/test_flash_attention.py",
           "q_len_differs and flash and bf16 and 8192", "*optimized error*exceeds 2.0 x plain error*",
           backend=NarrowAccumulatorFlashBackend),
+    Fault("draft-samples-untempered", "sampling", "the draft draws from its untempered distribution but reports "
+          "the tempered one", SPECULATIVE_SUITE, "sampling_matches and random-model-t0.7",
+          "*sampling: speculative, temperature 0.7, top-k 4, top-p 0.8: *", patch=draft_samples_untempered),
+    Fault("top-p-one-token-short", "sampling", "top-p keeps one token too few", SPECULATIVE_SUITE,
+          "sampling_matches and t1.5", "*sampling: *temperature 1.5, top-k 3, top-p 0.7: *",
+          patch=lambda monkeypatch: patch_filter(monkeypatch, top_p_one_token_short)),
+    Fault("top-k-after-top-p", "sampling", "top-k applied after top-p", SPECULATIVE_SUITE,
+          "sampling_matches and t1.5", "*sampling: *temperature 1.5, top-k 3, top-p 0.7: *",
+          patch=lambda monkeypatch: patch_filter(monkeypatch, top_k_after_top_p)),
+    Fault("temperature-after-top-p", "sampling", "the temperature applied after top-k and top-p chose the tokens",
+          SPECULATIVE_SUITE, "sampling_matches and t0.7", "*sampling: *temperature 0.7, top-k 4, top-p 0.8: *",
+          patch=lambda monkeypatch: patch_filter(monkeypatch, temperature_after_filters)),
 ]
