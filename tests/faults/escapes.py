@@ -138,6 +138,50 @@ def draft_samples_untempered(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(speculative, "draw", lambda q, uniforms: rejection_sampler.draw(last["untempered"], uniforms))
 
 
+# --- 3. rollback of ragged rows ----------------------------------------------------------------------
+
+
+class FirstRowRollbackCache(TorchKVCache):
+    """truncate() rolls every row back by as many slots as the first row (a per-row amount taken as a scalar)."""
+
+    def truncate(self, lengths):
+        shortened_by = self.lengths[0] - lengths.to(self.lengths)[0]
+        super().truncate(self.lengths - shortened_by)
+
+
+class FirstRowRollbackRunner(TorchRunner):
+    def new_cache(self, batch_size, capacity):
+        return FirstRowRollbackCache(self.config, batch_size, capacity, self.dtype, self.device)
+
+
+# --- 4. positions and padding -------------------------------------------------------------------------
+
+
+def slot_positions(positions: torch.Tensor, first_slot: torch.Tensor) -> torch.Tensor:
+    """Positions rebuilt as slot + a per-row offset, the offset read at each row's last token of the call."""
+    slots = first_slot[:, None] + torch.arange(positions.shape[1])
+    return slots + (positions[:, -1:] - slots[:, -1:])
+
+
+class SlotPositionsRunner(TorchRunner):
+    """Ignores the positions given inside a call: they are taken to be consecutive (true of plain prompts and of
+    single decode tokens, not of positions with gaps)."""
+
+    def forward(self, cache, tokens, positions, token_mask=None):
+        return super().forward(cache, tokens, slot_positions(positions, cache.lengths.cpu()), token_mask)
+
+    def forward_full(self, tokens, positions, token_mask=None):
+        return super().forward_full(tokens, slot_positions(positions, torch.zeros(len(positions), dtype=torch.long)),
+                                    token_mask)
+
+
+class PrefillOnlyPaddingRunner(TorchRunner):
+    """The padding mask is applied to the first call into a cache only: padding after the prefill is attended."""
+
+    def forward(self, cache, tokens, positions, token_mask=None):
+        return super().forward(cache, tokens, positions, token_mask if int(cache.lengths.max()) == 0 else None)
+
+
 KV_SUITE = "suites/test_kv_cache.py"
 SPECULATIVE_SUITE = "suites/test_speculative.py"
 PRECISION_MESSAGE = "*KV cache: {quant}*yardstick: the harness's reference model*exceeds 2.0 x plain error*"
@@ -166,4 +210,13 @@ FAULTS = [
     Fault("temperature-after-top-p", "sampling", "the temperature applied after top-k and top-p chose the tokens",
           SPECULATIVE_SUITE, "sampling_matches and t0.7", "*sampling: *temperature 0.7, top-k 4, top-p 0.8: *",
           patch=lambda monkeypatch: patch_filter(monkeypatch, temperature_after_filters)),
+    Fault("rollback-by-first-row", "kv-cache", "truncate() rolls every row back by the first row's amount",
+          KV_SUITE, "ragged_rollback", "*KV cache: rows rolled back by 1, 5 and 3 slots*",
+          backend=planted("rollback-by-first-row", FirstRowRollbackRunner)),
+    Fault("positions-from-slots", "kv-cache", "positions inside a call rebuilt as consecutive slots plus an offset",
+          KV_SUITE, "gaps and default-target", "*KV cache: positions 128.. with gaps*",
+          backend=planted("positions-from-slots", SlotPositionsRunner)),
+    Fault("padding-masked-in-prefill-only", "kv-cache", "token_mask ignored after the first call into a cache",
+          KV_SUITE, "padding_inside and default-target", "*KV cache: padding inside and after the prefill*",
+          backend=planted("padding-masked-in-prefill-only", PrefillOnlyPaddingRunner)),
 ]
