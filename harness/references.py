@@ -125,5 +125,6 @@ def precision_reference(checkpoint: Checkpoint, quant: Quant) -> ReferenceRunner
     """The reference model run in the precision `quant` names (fp32, bf16, fp16): what a correct implementation
     of that precision achieves, computed by the harness, not by the backend under test."""
     if quant not in PRECISIONS:
-        raise ValueError(f"no reference precision for {quant.value!r}; accepted: {', '.join(q.value for q in PRECISIONS)}")
+        accepted = ", ".join(q.value for q in PRECISIONS)
+        raise ValueError(f"no reference precision for {quant.value!r}; accepted: {accepted}")
     return _reference(checkpoint, Quant.FP32, PRECISIONS[quant])
