@@ -422,14 +422,15 @@ def test_sampling_matches_target_distribution(backend, load_runner, record, draf
     prompts = [E2E_PROMPT] * E2E_DRAWS
     speculative = SpeculativeDecoder(target, drafter, E2E_K, sampling).generate(prompts, E2E_NEW, seed=0)
     plain = generate(target, prompts, E2E_NEW, sampling, seed=0)
-    stats = speculative.stats
-    assert stats.rejections > 0 and stats.full_rounds > 0, "need both rejections and full acceptance"
     vocab, label = TINY_VOCAB.vocab_size, sampling_label(sampling)
     record.params(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
     pvalue_spec = assert_distribution(sequence_counts(speculative.tokens, vocab, E2E_NEW), exact, ALPHA,
                                       what=f"sampling: speculative, {label}")
     pvalue_plain = assert_distribution(sequence_counts(plain.tokens, vocab, E2E_NEW), exact, ALPHA,
                                        what=f"sampling: plain, {label}")
+    stats = speculative.stats
+    assert stats.rejections > 0 and stats.full_rounds > 0, \
+        f"sampling: {label}: the run needs both rejections and full acceptance to exercise both paths"
     record(draws=E2E_DRAWS, min_pvalue=min(pvalue_spec, pvalue_plain), pvalue_speculative=pvalue_spec,
            pvalue_plain=pvalue_plain, acceptance_rate=stats.acceptance_rate)
 
