@@ -199,7 +199,7 @@ FAULTS = [
           "q_len_differs and flash and bf16 and 8192", "*optimized error*exceeds 2.0 x plain error*",
           backend=NarrowAccumulatorFlashBackend),
     Fault("draft-samples-untempered", "sampling", "the draft draws from its untempered distribution but reports "
-          "the tempered one", SPECULATIVE_SUITE, "sampling_matches and random-model-t0.7",
+          "the tempered one", SPECULATIVE_SUITE, "sampling_matches and t0.7",
           "*sampling: speculative, temperature 0.7, top-k 4, top-p 0.8: *", patch=draft_samples_untempered),
     Fault("top-p-one-token-short", "sampling", "top-p keeps one token too few", SPECULATIVE_SUITE,
           "sampling_matches and t1.5", "*sampling: *temperature 1.5, top-k 3, top-p 0.7: *",
