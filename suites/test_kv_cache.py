@@ -132,7 +132,7 @@ def test_rollback_then_decode_matches_recompute(load_runner, model, record):
 
 
 @pytest.mark.exactness
-def test_ragged_rollback_then_decode_matches_recompute(load_runner, model, record):
+def test_rows_truncated_by_different_amounts_then_decode(load_runner, model, record):
     """Three left-padded rows of different lengths each take 5 speculative tokens, are rolled back by different
     amounts (keeping 4, 0 and 2 of them) and decode 3 more tokens in one call: each row as close to fp64 as that
     row recomputed alone (a rollback or a write slot that is right for one row only fails here)."""

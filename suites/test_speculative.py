@@ -357,8 +357,8 @@ E2E_NEW, E2E_K, E2E_DRAWS = 4, 2, 50_000
 # (draft, sampling): temperature 1 with each draft; then temperatures below and above 1 with top-k and top-p set,
 # where a draft that samples untempered, or a filter applied in another order or one token short, shows
 SAMPLING_CASES = [
-    pytest.param("random-model", Sampling(temperature=1.0), id="random-model-t1"),
-    pytest.param("prompt-lookup", Sampling(temperature=1.0), id="prompt-lookup-t1"),
+    pytest.param("random-model", Sampling(temperature=1.0), id="random-model"),
+    pytest.param("prompt-lookup", Sampling(temperature=1.0), id="prompt-lookup"),
     pytest.param("random-model", Sampling(temperature=0.7, top_k=4, top_p=0.8), id="random-model-t0.7-k4-p0.8"),
     pytest.param("random-model", Sampling(temperature=1.5, top_k=3, top_p=0.7), id="random-model-t1.5-k3-p0.7"),
 ]

@@ -211,7 +211,7 @@ FAULTS = [
           SPECULATIVE_SUITE, "sampling_matches and t0.7", "*sampling: *temperature 0.7, top-k 4, top-p 0.8: *",
           patch=lambda monkeypatch: patch_filter(monkeypatch, temperature_after_filters)),
     Fault("rollback-by-first-row", "kv-cache", "truncate() rolls every row back by the first row's amount",
-          KV_SUITE, "ragged_rollback", "*KV cache: rows rolled back by 1, 5 and 3 slots*",
+          KV_SUITE, "truncated_by_different_amounts", "*KV cache: rows rolled back by 1, 5 and 3 slots*",
           backend=planted("rollback-by-first-row", FirstRowRollbackRunner)),
     Fault("positions-from-slots", "kv-cache", "positions inside a call rebuilt as consecutive slots plus an offset",
           KV_SUITE, "gaps and default-target", "*KV cache: positions 128.. with gaps*",
