@@ -121,6 +121,16 @@ def float64_reference(checkpoint: Checkpoint, quant: Quant = Quant.FP32) -> Refe
     return _reference(checkpoint, quant, torch.float64)
 
 
+def plain_reference(checkpoint: Checkpoint, quant: Quant) -> ReferenceRunner | None:
+    """The harness's plain path for a strategy's number format: the format simulated exactly in float64 (SIMULATED),
+    or the reference model run in that precision (PRECISIONS); None for a format the harness does not compute."""
+    if quant in SIMULATED:
+        return float64_reference(checkpoint, quant)
+    if quant in PRECISIONS:
+        return precision_reference(checkpoint, quant)
+    return None
+
+
 def precision_reference(checkpoint: Checkpoint, quant: Quant) -> ReferenceRunner:
     """The reference model run in the precision `quant` names (fp32, bf16, fp16): what a correct implementation
     of that precision achieves, computed by the harness, not by the backend under test."""

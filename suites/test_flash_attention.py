@@ -26,7 +26,7 @@ from harness.memory import peak_rss_in_child
 from harness.models import config_matrix, parametrize_models
 from harness.oracles import assert_by_oracle, assert_fp32_by_oracle
 from harness.plugin import require
-from harness.references import SIMULATED, float64_reference
+from harness.references import float64_reference, plain_reference
 
 K = 2.0  # the rule: optimized error <= K x plain error (flash-attention's tests)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -214,18 +214,16 @@ def prefill_then_decode(runner, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def plain_runner(backend, checkpoint, quant: Quant):
-    """attention=naive in the same strategy on this backend; else the format simulated exactly in fp64
-    (harness/references.py: onnxrt's int8/int4 formats); else the reference backend in the same precision (fp16,
-    bf16). Not torch's int8/int4 for another backend: the same name there is another kernel or format."""
+    """attention=naive in the same strategy on this backend; else the harness's plain path for the format
+    (harness/references.py: onnxrt's int8/int4 formats simulated in fp64, the reference model in fp32/bf16/fp16).
+    Not torch's int8/int4 for another backend: the same name there is another kernel or format."""
     if not backend.missing("attention:naive", f"quant:{quant.value}"):
         return backend.load(checkpoint, Strategy(quant, Attention.NAIVE))
-    if quant in SIMULATED:
-        return float64_reference(checkpoint, quant)
-    reference = get_backend("torch")()
-    if quant in (Quant.FP32, Quant.BF16, Quant.FP16) and not reference.missing("attention:naive", f"quant:{quant.value}"):
-        return reference.load(checkpoint, Strategy(quant, Attention.NAIVE))
-    pytest.skip(f"no plain path for quant:{quant.value}: {backend.name} lacks attention:naive and the format is not "
-                "simulated")
+    plain = plain_reference(checkpoint, quant)
+    if plain is None:
+        pytest.skip(f"no plain path for quant:{quant.value}: {backend.name} lacks attention:naive and the harness "
+                    "computes no reference of the format")
+    return plain
 
 
 @pytest.mark.exactness
