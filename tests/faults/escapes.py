@@ -16,20 +16,20 @@ import torch
 
 from backends.algorithms import generation, rejection_sampler, speculative
 from backends.algorithms.generation import Sampling
-from backends.torch_ref.backend import TorchBackend, TorchRunner
 from backends.strategies import Attention
 from backends.torch_ref.attention import FlashAttention
+from backends.torch_ref.backend import TorchBackend, TorchRunner
 from backends.torch_ref.model import Transformer, TorchKVCache, full_sequence_context, rope_frequencies
+from tests.planted_faults import planted
 
 from . import Fault
 
 
-def planted(name: str, runner_cls: type[TorchRunner]) -> type[TorchBackend]:
-    """A reference backend named `name` whose runner is `runner_cls`."""
-    return type(f"Planted{runner_cls.__name__}", (TorchBackend,), {"name": name, "runner_class": runner_cls})
-
-
 # --- 1. low precision ------------------------------------------------------------------------------
+
+
+def bf16_round_trip(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).to(t.dtype)
 
 
 class Bf16RoundedKVCache(TorchKVCache):
@@ -37,11 +37,7 @@ class Bf16RoundedKVCache(TorchKVCache):
     in fp32: the KV-bytes check cannot see it)."""
 
     def store(self, layer, slots, k, v, seen):
-        return super().store(layer, slots, k.to(torch.bfloat16).to(k.dtype), v.to(torch.bfloat16).to(v.dtype), seen)
-
-
-def bf16_round_trip(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.bfloat16).to(t.dtype)
+        return super().store(layer, slots, bf16_round_trip(k), bf16_round_trip(v), seen)
 
 
 class Bf16KVRunner(TorchRunner):
