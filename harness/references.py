@@ -1,6 +1,8 @@
 """References the harness computes itself, never the backend under test: the reference PyTorch model in float64
 on the same weights, and, for a lossy strategy, the same model with that strategy's number format simulated
-exactly (dequantize, then multiply in float64).
+exactly (dequantize, then multiply in float64); and the same model run in fp32, bf16 or fp16 (naive attention),
+whose error against float64 is what a correct implementation of that precision achieves (the yardstick of
+harness/oracles.py's assert_by_precision_reference).
 
 The simulated formats follow how backends/onnxrt/quantize.py has ONNX Runtime quantize every MatMul weight
 (tests/test_trained_scale.py checks them against ONNX Runtime's own quantizers):
@@ -77,24 +79,29 @@ def simulate_format(model: nn.Module, quant: Quant, checkpoint: Checkpoint) -> n
     return model
 
 
-class Float64Runner(ModelRunner):
-    """The reference model in float64 (naive attention) on the checkpoint's weights, optionally with a lossy
-    format simulated; the contract's cache semantics, so it can be run through the same calls as any backend.
-    Nothing in it rounds to fp32: model.py computes norms and rotations in at least the model's precision."""
+PRECISIONS = {Quant.FP32: torch.float32, Quant.BF16: torch.bfloat16, Quant.FP16: torch.float16}
 
-    def __init__(self, checkpoint: Checkpoint, quant: Quant = Quant.FP32):
+
+class ReferenceRunner(ModelRunner):
+    """The reference model (naive attention) on the checkpoint's weights in `dtype`, optionally with a lossy
+    format simulated (float64 only); the contract's cache semantics, so it can be run through the same calls as
+    any backend. In float64 nothing rounds to fp32: model.py computes norms and rotations in at least the model's
+    precision."""
+
+    def __init__(self, checkpoint: Checkpoint, quant: Quant = Quant.FP32, dtype: torch.dtype = torch.float64):
         if quant != Quant.FP32 and quant not in SIMULATED:
             raise ValueError(f"no simulated format for {quant.value!r}; simulated: {', '.join(q.value for q in SIMULATED)}")
         super().__init__(checkpoint, Strategy(quant, Attention.NAIVE))
-        self.model = build_model(checkpoint, Attention.NAIVE).double()
+        self.dtype = dtype
+        self.model = build_model(checkpoint, Attention.NAIVE).to(dtype)
         self.fp16_kv = quant == Quant.FP16_KV
         if quant not in (Quant.FP32, Quant.FP16_KV):
             simulate_format(self.model, quant, checkpoint)
 
     def new_cache(self, batch_size: int, capacity: int) -> TorchKVCache:
         if self.fp16_kv:
-            return Fp16KVCache(self.config, batch_size, capacity, torch.device("cpu"), torch.float64)
-        return TorchKVCache(self.config, batch_size, capacity, torch.float64, torch.device("cpu"))
+            return Fp16KVCache(self.config, batch_size, capacity, torch.device("cpu"), self.dtype)
+        return TorchKVCache(self.config, batch_size, capacity, self.dtype, torch.device("cpu"))
 
     @staticmethod
     def _mask(tokens: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
@@ -111,12 +118,36 @@ class Float64Runner(ModelRunner):
         return self.model(tokens, context)
 
 
-_REFERENCES: dict[tuple[int, Quant], Float64Runner] = {}
+_REFERENCES: dict[tuple[int, Quant, torch.dtype], ReferenceRunner] = {}
 
 
-def float64_reference(checkpoint: Checkpoint, quant: Quant = Quant.FP32) -> Float64Runner:
-    """A Float64Runner per checkpoint and format, built once per process (checkpoints live for the session)."""
-    key = (id(checkpoint), quant)
+def _reference(checkpoint: Checkpoint, quant: Quant, dtype: torch.dtype) -> ReferenceRunner:
+    """Built once per process, checkpoint, format and dtype (checkpoints live for the session)."""
+    key = (id(checkpoint), quant, dtype)
     if key not in _REFERENCES:
-        _REFERENCES[key] = Float64Runner(checkpoint, quant)
+        _REFERENCES[key] = ReferenceRunner(checkpoint, quant, dtype)
     return _REFERENCES[key]
+
+
+def float64_reference(checkpoint: Checkpoint, quant: Quant = Quant.FP32) -> ReferenceRunner:
+    """The exact reference: float64, with a lossy format simulated when `quant` is one of SIMULATED."""
+    return _reference(checkpoint, quant, torch.float64)
+
+
+def plain_reference(checkpoint: Checkpoint, quant: Quant) -> ReferenceRunner | None:
+    """The harness's plain path for a strategy's number format: the format simulated exactly in float64 (SIMULATED),
+    or the reference model run in that precision (PRECISIONS); None for a format the harness does not compute."""
+    if quant in SIMULATED:
+        return float64_reference(checkpoint, quant)
+    if quant in PRECISIONS:
+        return precision_reference(checkpoint, quant)
+    return None
+
+
+def precision_reference(checkpoint: Checkpoint, quant: Quant) -> ReferenceRunner:
+    """The reference model run in the precision `quant` names (fp32, bf16, fp16): what a correct implementation
+    of that precision achieves, computed by the harness, not by the backend under test."""
+    if quant not in PRECISIONS:
+        accepted = ", ".join(q.value for q in PRECISIONS)
+        raise ValueError(f"no reference precision for {quant.value!r}; accepted: {accepted}")
+    return _reference(checkpoint, Quant.FP32, PRECISIONS[quant])

@@ -3,12 +3,14 @@
 Every check runs on the --model checkpoint; the fp32 logits check also runs on the built-in configuration matrix
 (every position encoding x MHA/GQA/MQA, marker `config_matrix`). Each is judged by the oracle rule
 (harness/oracles.py) against the harness's own fp64 reference model, through the same calls (a left-padded
-batch of odd lengths prefilled into an empty cache, a chunk, single tokens at explicit positions):
+batch of odd lengths prefilled into an empty cache, a chunk, single tokens at explicit positions near the end of
+the model's range):
 - fp32: the backend's error at most 2x the reference backend's own fp32 error; greedy decoding over 64 tokens
   gives identical tokens;
-- a lossy strategy: at most 2x the error of the same precision on the reference backend (bf16, fp16), or of the
-  same number format simulated exactly in fp64 on the same weights (int8-dynamic, int4-block32/128,
-  int4-gptq-block128, fp16-kv; harness/references.py). Token agreement of lossy strategies is a quality figure (test_model_quality.py).
+- a lossy strategy: at most 2x the error of the harness's reference model in the same precision (bf16, fp16), or
+  of the same number format simulated exactly in fp64 on the same weights (int8-dynamic, int4-block32/128,
+  int4-gptq-block128, fp16-kv; harness/references.py). Token agreement of lossy strategies is a quality figure
+  (test_model_quality.py).
 """
 from __future__ import annotations
 
@@ -21,11 +23,12 @@ from backends.strategies import Quant, Strategy
 from harness.models import config_matrix, parametrize_models
 from harness.oracles import assert_by_oracle, assert_fp32_by_oracle
 from harness.plugin import require
-from harness.references import SIMULATED, float64_reference
+from harness.references import SIMULATED, float64_reference, plain_reference
 
 REFERENCE = "torch"
 N_GREEDY = 64
 PROMPT_LENGTHS = (5, 11, 2)  # odd and uneven: left padding of 6 and 9 slots
+FOLLOW_TOKENS = 8  # after the prompts: a chunk of 3, then 5 single tokens
 MATRIX = config_matrix()
 
 
@@ -46,21 +49,24 @@ def reference_runner(backend, checkpoint, quant: Quant = Quant.FP32):
     return reference.load(checkpoint, Strategy(quant))
 
 
-def plain_runner(backend, checkpoint, quant: Quant):
-    """The plain path for a lossy strategy: its format simulated exactly, or the reference backend in that precision."""
-    if quant in SIMULATED:
-        return float64_reference(checkpoint, quant)
-    return reference_runner(backend, checkpoint, quant)
+def far_from_zero(inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], config) -> tuple:
+    """left_pad's (tokens, positions, mask) with the positions moved to the end of the model's range (leaving room
+    for prefill_chunk_decode's 8 more tokens): rotary angles and position tables far from zero, where a low
+    precision shows."""
+    tokens, positions, mask = inputs
+    shift = max(0, config.max_position_embeddings - int(positions.max()) - 1 - FOLLOW_TOKENS)
+    return tokens, positions + shift, mask
 
 
 def prefill_chunk_decode(runner, tokens, positions, mask) -> list[torch.Tensor]:
     """Logits of each call: the padded prompts into an empty cache, a 3-token chunk, then 5 single tokens."""
     batch = tokens.shape[0]
-    follow = torch.randint(1, runner.config.vocab_size, (batch, 8), generator=torch.Generator().manual_seed(8))
+    follow = torch.randint(1, runner.config.vocab_size, (batch, FOLLOW_TOKENS),
+                           generator=torch.Generator().manual_seed(8))
     cache = runner.new_cache(batch, tokens.shape[1] + follow.shape[1])
     calls = [runner.forward(cache, tokens, positions, mask)]
     next_position = positions[:, -1:] + 1
-    for start, stop in [(0, 3)] + [(t, t + 1) for t in range(3, 8)]:
+    for start, stop in [(0, 3)] + [(t, t + 1) for t in range(3, FOLLOW_TOKENS)]:
         calls.append(runner.forward(cache, follow[:, start:stop], next_position + torch.arange(start, stop)))
     return calls
 
@@ -80,10 +86,11 @@ def test_fp32_logits_match_reference(backend, load_runner, case, record):
     runner = load_runner(case.checkpoint, Strategy(Quant.FP32))
     reference = reference_runner(backend, case.checkpoint)
     record.params(position=case.position, kind=case.kind)
-    inputs = left_pad(prompts(case.checkpoint.config.vocab_size))
+    inputs = far_from_zero(left_pad(prompts(case.checkpoint.config.vocab_size)), case.checkpoint.config)
     ours, theirs, exact = (teacher_forced(r, *inputs)
                            for r in (runner, reference, float64_reference(case.checkpoint)))
-    record(**assert_fp32_by_oracle(ours, theirs, exact).metrics())
+    result = assert_fp32_by_oracle(ours, theirs, exact, what=f"cross-backend: fp32 logits against {REFERENCE}'s")
+    record(**result.metrics())
 
 
 @pytest.mark.exactness
@@ -94,26 +101,34 @@ def test_greedy_decoding_matches_reference(backend, load_runner, model, record):
     batch = prompts(model.checkpoint.config.vocab_size, (7, 12))
     ours, theirs = generate(runner, batch, N_GREEDY), generate(reference, batch, N_GREEDY)
     record(identical_rows=sum(a == b for a, b in zip(ours.tokens, theirs.tokens)))
-    assert ours.tokens == theirs.tokens, f"greedy tokens differ from {REFERENCE}'s"
+    assert ours.tokens == theirs.tokens, f"cross-backend: greedy tokens differ from {REFERENCE}'s"
     exact = float64_reference(model.checkpoint)
     sequences = [prompt + new for prompt, new in zip(batch, ours.tokens)]
     tokens, positions, mask = left_pad(sequences)
     width = tokens.shape[1]
     # logits each new token was chosen at: the last prompt position, then every new token but the last
     reference_logits = exact.forward_full(tokens, positions, mask)[:, width - N_GREEDY - 1:width - 1]
-    record(**assert_fp32_by_oracle(ours.logits, theirs.logits, reference_logits).metrics())
+    record(**assert_fp32_by_oracle(ours.logits, theirs.logits, reference_logits,
+                                   what=f"cross-backend: greedy logits against {REFERENCE}'s").metrics())
 
 
 @pytest.mark.exactness
 def test_low_precision_logits_by_the_oracle(backend, load_runner, model, quant, record):
     """Teacher-forced prefill and decode in a lossy strategy: the backend's error against fp64 is at most 2x the
-    error of the plain path (the same format simulated exactly, or the reference backend in that precision)."""
+    error of the harness's plain path (the same format simulated exactly, or the reference model in that
+    precision; harness/references.py)."""
     if quant == Quant.FP32:
         pytest.skip("fp32 is judged against the reference backend's fp32 (test_fp32_logits_match_reference)")
+    if backend.name == REFERENCE:
+        pytest.skip(f"{REFERENCE} is the reference this suite compares other backends against")
+    plain = plain_reference(model.checkpoint, quant)
+    if plain is None:
+        pytest.skip(f"the harness computes no reference of quant:{quant.value}")
     runner = load_runner(model.checkpoint, Strategy(quant))
-    plain = plain_runner(backend, model.checkpoint, quant)
-    record.params(plain_path="simulated" if quant in SIMULATED else REFERENCE)
-    inputs = left_pad(prompts(model.checkpoint.config.vocab_size))
+    record.params(plain_path="simulated" if quant in SIMULATED else "reference model")
+    inputs = far_from_zero(left_pad(prompts(model.checkpoint.config.vocab_size)), model.checkpoint.config)
     optimized, plain_logits, exact = (teacher_forced(r, *inputs)
                                       for r in (runner, plain, float64_reference(model.checkpoint)))
-    record(**assert_by_oracle(optimized, plain_logits, exact).metrics())
+    plain_name = "the format simulated in fp64" if quant in SIMULATED else "the harness's reference model in it"
+    record(**assert_by_oracle(optimized, plain_logits, exact,
+                              what=f"cross-backend: {quant.value} against {plain_name}").metrics())

@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from backends.base import CacheFullError
-from backends.algorithms.generation import generate
+from backends.algorithms.generation import generate, left_pad
 from backends.strategies import Quant, Strategy
 from harness.models import ATTENTION_KINDS, POSITION_VARIANTS, config_matrix, parametrize_models, small_checkpoint
-from harness.oracles import assert_by_oracle, assert_fp32_by_oracle, max_abs_error
-from harness.references import float64_reference
+from harness.oracles import assert_by_oracle, assert_by_precision_reference, assert_fp32_by_oracle, max_abs_error
+from harness.references import PRECISIONS, float64_reference, precision_reference
 
 N_DECODE = 32
+LONG_CONTEXT = 256  # tokens of the long-context checks (fewer when the model has fewer positions)
 EXACT_POSITIONS = [p for p in POSITION_VARIANTS if p != "rope-dynamic-ntk"]
 MATRIX = config_matrix(EXACT_POSITIONS)
 
@@ -32,6 +33,10 @@ def prompt(length: int, vocab: int, seed: int = 1) -> list[int]:
 
 def positions_of(start: int, count: int, batch: int = 1) -> torch.Tensor:
     return torch.arange(start, start + count).expand(batch, count)
+
+
+def long_context(config) -> int:
+    return min(LONG_CONTEXT, config.max_position_embeddings)
 
 
 def fp64_logits(runner, tokens: list[int]) -> torch.Tensor:
@@ -127,6 +132,81 @@ def test_rollback_then_decode_matches_recompute(load_runner, model, record):
 
 
 @pytest.mark.exactness
+def test_rows_truncated_by_different_amounts_then_decode(load_runner, model, record):
+    """Three left-padded rows of different lengths each take 5 speculative tokens, are rolled back by different
+    amounts (keeping 4, 0 and 2 of them) and decode 3 more tokens in one call: each row as close to fp64 as that
+    row recomputed alone (a rollback or a write slot that is right for one row only fails here)."""
+    runner = load_runner(model.checkpoint, Strategy(Quant.FP32))
+    vocab = runner.config.vocab_size
+    prompts = [prompt(n, vocab, seed=n) for n in (9, 4, 13)]
+    speculated = [prompt(5, vocab, seed=20 + row) for row in range(3)]
+    accepted = [prompt(3, vocab, seed=30 + row) for row in range(3)]
+    keep = torch.tensor([4, 0, 2])
+    tokens, positions, mask = left_pad(prompts)
+    width = tokens.shape[1]
+    cache = runner.new_cache(3, width + 5 + 3)
+    runner.forward(cache, tokens, positions, mask)
+    next_position = positions[:, -1:] + 1
+    runner.forward(cache, torch.tensor(speculated), next_position + torch.arange(5))
+    cache.truncate(width + keep)
+    after = runner.forward(cache, torch.tensor(accepted), next_position + keep[:, None] + torch.arange(3))
+    optimized, plain, reference = [], [], []
+    for row, kept in enumerate(keep.tolist()):
+        sequence = prompts[row] + speculated[row][:kept] + accepted[row]
+        optimized.append(after[row])
+        plain.append(runner.forward_full(torch.tensor([sequence]), positions_of(0, len(sequence)))[0, -3:])
+        reference.append(fp64_logits(runner, sequence)[-3:])
+    result = assert_fp32_by_oracle(torch.cat(optimized), torch.cat(plain), torch.cat(reference),
+                                   what="KV cache: rows rolled back by 1, 5 and 3 slots, then decoded")
+    record(**result.metrics())
+
+
+def assert_matches_harness_references(runner, tokens, positions, mask, logits, what: str):
+    """Real tokens' logits (B, T, V) of `tokens` at `positions` (padding where `mask` is False), against the harness's
+    fp64 reference over the same inputs, with the harness's fp32 reference model as the yardstick: no path of the
+    backend under test is (a backend that ignores the positions it is given would ignore them in every path)."""
+    reference = float64_reference(runner.checkpoint).forward_full(tokens, positions, mask)
+    in_fp32 = precision_reference(runner.checkpoint, Quant.FP32).forward_full(tokens, positions, mask)
+    return assert_by_precision_reference(logits[mask], in_fp32[mask], reference[mask], fp32=True, what=what)
+
+
+@pytest.mark.exactness
+def test_positions_with_gaps_far_from_zero(load_runner, attention, case, record):
+    """Positions are the caller's, not slot numbers (backends/base.py): a 12-token prefill at positions from half
+    the model's range, with a gap of 14 in the middle, then 4 tokens decoded one at a time with another gap."""
+    runner = load_runner(case.checkpoint, Strategy(Quant.FP32, attention))
+    start = runner.config.max_position_embeddings // 2
+    steps = [start + 20, start + 21, start + 30, start + 31]
+    chosen = torch.tensor([list(range(start, start + 6)) + list(range(start + 20 - 6, start + 20)) + steps])
+    tokens = torch.tensor([prompt(chosen.shape[1], runner.config.vocab_size, seed=4)])
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    cache = runner.new_cache(1, tokens.shape[1])
+    calls = [runner.forward(cache, tokens[:, :12], chosen[:, :12])]
+    calls += [runner.forward(cache, tokens[:, i:i + 1], chosen[:, i:i + 1]) for i in range(12, tokens.shape[1])]
+    result = assert_matches_harness_references(runner, tokens, chosen, mask, torch.cat(calls, dim=1),
+                                               what=f"KV cache: positions {start}.. with gaps")
+    record(**result.metrics())
+
+
+@pytest.mark.exactness
+def test_padding_inside_and_after_the_prefill(load_runner, attention, case, record):
+    """Two rows: row 0's prefill has a padding token in the middle, and its second decode step is padding while
+    row 1 decodes (token_mask False after the prefill): every real token as close to fp64 as the harness's fp32
+    reference over the same tokens and mask."""
+    runner = load_runner(case.checkpoint, Strategy(Quant.FP32, attention))
+    tokens = torch.tensor([prompt(13, runner.config.vocab_size, seed=5), prompt(13, runner.config.vocab_size, seed=6)])
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[0, 4] = mask[0, 11] = False  # slot 4: inside the 10-token prefill; slot 11: the second decode step
+    positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # real tokens count; padding repeats a position
+    cache = runner.new_cache(2, 13)
+    calls = [runner.forward(cache, tokens[:, :10], positions[:, :10], mask[:, :10])]
+    calls += [runner.forward(cache, tokens[:, i:i + 1], positions[:, i:i + 1], mask[:, i:i + 1]) for i in range(10, 13)]
+    result = assert_matches_harness_references(runner, tokens, positions, mask, torch.cat(calls, dim=1),
+                                               what="KV cache: padding inside and after the prefill")
+    record(**result.metrics())
+
+
+@pytest.mark.exactness
 def test_kv_bytes_per_token_match_the_formula(load_runner, model, quant, record):
     """2 x n_layers x n_kv_heads x head_dim x bytes per element, measured from the tensors allocated once the cache
     is full (a cache preallocated at its capacity, or one that grows as tokens arrive, such as transformers')."""
@@ -146,20 +226,29 @@ def test_kv_bytes_per_token_match_the_formula(load_runner, model, quant, record)
 
 @pytest.mark.exactness
 def test_cached_decode_in_low_precision_by_the_oracle(load_runner, model, quant, record):
-    """Teacher-forced decode in the strategy's precision: the cached path's error against the fp64 reference is
-    at most 2x the error of recomputing in the same precision (fp32: that error floored at one ulp)."""
+    """A long context in the strategy's precision, teacher forced: 3/4 of it prefilled in one call, the rest decoded
+    one token at a time through the cache. fp32, bf16, fp16: every logit's error against the fp64 reference at most
+    2x the error of the harness's own reference model in that precision (the backend's own recompute path would
+    carry a precision fault too: an accumulator, the rotary angles or the cache in a narrower format); other
+    formats: at most 2x the error of recomputing on the backend in the same format."""
     runner = load_runner(model.checkpoint, Strategy(quant))
-    sequence = prompt(9 + N_DECODE, runner.config.vocab_size)
-    tokens = torch.tensor([sequence])
-    everything = positions_of(0, tokens.shape[1])
-    reference = fp64_logits(runner, sequence)[8:]
-    plain = runner.forward_full(tokens, everything)[0, 8:]
-    cache = runner.new_cache(1, tokens.shape[1])
-    steps = [runner.forward(cache, tokens[:, :9], positions_of(0, 9))[:, -1:]]
-    steps += [runner.forward(cache, tokens[:, i:i + 1], positions_of(i, 1)) for i in range(9, tokens.shape[1])]
+    length = long_context(runner.config)
+    prefill = 3 * length // 4
+    sequence = prompt(length, runner.config.vocab_size)
+    tokens, everything = torch.tensor([sequence]), positions_of(0, length)
+    cache = runner.new_cache(1, length)
+    steps = [runner.forward(cache, tokens[:, :prefill], positions_of(0, prefill))]
+    steps += [runner.forward(cache, tokens[:, i:i + 1], positions_of(i, 1)) for i in range(prefill, length)]
     cached = torch.cat(steps, dim=1)[0]
-    judge = assert_fp32_by_oracle if quant == Quant.FP32 else assert_by_oracle
-    record(**judge(cached, plain, reference).metrics())
+    reference = fp64_logits(runner, sequence)
+    what = f"KV cache: {quant.value}, {prefill} tokens prefilled then {length - prefill} decoded through the cache"
+    record.params(prefill=prefill, decode=length - prefill)
+    if quant in PRECISIONS:
+        in_precision = precision_reference(runner.checkpoint, quant).forward_full(tokens, everything)[0]
+        result = assert_by_precision_reference(cached, in_precision, reference, quant == Quant.FP32, what)
+    else:
+        result = assert_by_oracle(cached, runner.forward_full(tokens, everything)[0], reference, what=what)
+    record(**result.metrics())
 
 
 @pytest.mark.exactness

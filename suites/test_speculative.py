@@ -358,7 +358,16 @@ TINY_VOCAB = ModelConfig(vocab_size=5, d_model=16, n_layers=1, n_heads=2, n_kv_h
                          max_position_embeddings=64)
 E2E_PROMPT = [1, 3, 2]
 E2E_NEW, E2E_K, E2E_DRAWS = 4, 2, 50_000
-SAMPLING = Sampling(temperature=1.0)
+# (draft, sampling, draws): temperature 1 with each draft; then temperatures below and above 1 with top-k and top-p
+# set, where a draft that samples untempered, or a filter applied in another order or one token short, shows
+# (20,000 draws catch each such fault of tests/faults/escapes.py, and keep the cases cheap)
+SAMPLING_CASES = [
+    pytest.param("random-model", Sampling(temperature=1.0), E2E_DRAWS, id="random-model"),
+    pytest.param("prompt-lookup", Sampling(temperature=1.0), E2E_DRAWS, id="prompt-lookup"),
+    pytest.param("random-model", Sampling(temperature=0.7, top_k=4, top_p=0.8), 20_000, id="random-model-t0.7-k4-p0.8"),
+    pytest.param("random-model", Sampling(temperature=1.5, top_k=3, top_p=0.7), 20_000, id="random-model-t1.5-k3-p0.7"),
+]
+TOP_P_MARGIN = 1e-5  # a top-p boundary this close to a cumulative mass could fall either way in fp32 (ill-posed)
 
 
 @cache
@@ -366,15 +375,34 @@ def tiny_vocab_checkpoint(seed: int) -> Checkpoint:
     return random_checkpoint(TINY_VOCAB, seed=seed, name=f"tiny-vocab-s{seed}")
 
 
-def exact_sequence_probabilities(target: ModelRunner, prompt: list[int], n: int) -> torch.Tensor:
-    """(V^n,) the target's probability of every continuation of n tokens, enumerated in lexicographic order."""
+def sampled_distribution(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """(N, V) float64 logits -> the probabilities the documented rule draws from, written here so the test does
+    not judge the sampler by its own code: divide by the temperature, keep the top_k largest, then keep the most
+    likely tokens until their renormalized mass reaches top_p (a token is kept while the mass before it is below
+    top_p), and renormalize."""
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    ordered, order = probs.sort(dim=-1, descending=True)
+    rank = torch.arange(probs.shape[-1])
+    kept = ordered * (rank < sampling.top_k if sampling.top_k > 0 else True)
+    kept = kept / kept.sum(-1, keepdim=True)
+    mass_before = kept.cumsum(-1) - kept
+    if sampling.top_p < 1.0:
+        margin = (mass_before - sampling.top_p).abs()[kept > 0].min().item()
+        assert margin > TOP_P_MARGIN, f"sampling: top-p {sampling.top_p} lies {margin:.2g} from a cumulative mass"
+        kept = kept * (mass_before < sampling.top_p)
+    kept = kept / kept.sum(-1, keepdim=True)
+    return torch.zeros_like(probs).scatter(-1, order, kept)
+
+
+def exact_sequence_probabilities(target: ModelRunner, prompt: list[int], n: int, sampling: Sampling) -> torch.Tensor:
+    """(V^n,) the probability of every continuation of n tokens sampled from the target, in lexicographic order."""
     vocab = target.config.vocab_size
     sequences = torch.tensor(list(itertools.product(range(vocab), repeat=n)))
     tokens = torch.cat([torch.tensor(prompt).expand(len(sequences), -1), sequences], dim=1)
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     logits = target.forward_full(tokens, positions).double().cpu()[:, len(prompt) - 1:-1]  # (N, n, V)
-    log_probs = torch.log_softmax(logits, dim=-1).gather(-1, sequences[..., None]).squeeze(-1)
-    return log_probs.sum(-1).exp()
+    probs = sampled_distribution(logits.flatten(0, 1), sampling).view_as(logits)
+    return probs.gather(-1, sequences[..., None]).squeeze(-1).prod(-1)
 
 
 def sequence_counts(rows: list[list[int]], vocab: int, n: int) -> torch.Tensor:
@@ -382,28 +410,34 @@ def sequence_counts(rows: list[list[int]], vocab: int, n: int) -> torch.Tensor:
     return torch.bincount(index, minlength=vocab ** n)
 
 
+def sampling_label(sampling: Sampling) -> str:
+    return f"temperature {sampling.temperature}, top-k {sampling.top_k}, top-p {sampling.top_p}"
+
+
 @pytest.mark.exactness
-@pytest.mark.parametrize("draft", ["random-model", "prompt-lookup"])
-def test_sampling_matches_target_distribution(backend, load_runner, record, draft):
+@pytest.mark.parametrize(("draft", "sampling", "draws"), SAMPLING_CASES)
+def test_sampling_matches_target_distribution(backend, load_runner, record, draft, sampling, draws):
     """Speculative sampling (k=2, 4 new tokens, every row accepting on its own) and plain sampling from the target
-    both follow the target's exact joint distribution of the 5^4 continuations. Drafts: another random model
-    (q a full distribution), and prompt lookup (q one-hot, and rounds with nothing to propose)."""
+    both follow the exact joint distribution of the 5^4 continuations under the sampling setting. Drafts: another
+    random model (q a full distribution), and prompt lookup (q one-hot, and rounds with nothing to propose)."""
     require(backend, ROLLBACK)
     drafter = ModelDraft(load_runner(tiny_vocab_checkpoint(1), Strategy())) if draft == "random-model" \
         else PromptLookupDraft(TINY_VOCAB.vocab_size)
     target = load_runner(tiny_vocab_checkpoint(0), Strategy())
-    exact = exact_sequence_probabilities(target, E2E_PROMPT, E2E_NEW)
-    prompts = [E2E_PROMPT] * E2E_DRAWS
-    speculative = SpeculativeDecoder(target, drafter, E2E_K, SAMPLING).generate(prompts, E2E_NEW, seed=0)
-    plain = generate(target, prompts, E2E_NEW, SAMPLING, seed=0)
-    stats = speculative.stats
-    assert stats.rejections > 0 and stats.full_rounds > 0, "need both rejections and full acceptance"
-    vocab = TINY_VOCAB.vocab_size
+    exact = exact_sequence_probabilities(target, E2E_PROMPT, E2E_NEW, sampling)
+    prompts = [E2E_PROMPT] * draws
+    speculative = SpeculativeDecoder(target, drafter, E2E_K, sampling).generate(prompts, E2E_NEW, seed=0)
+    plain = generate(target, prompts, E2E_NEW, sampling, seed=0)
+    vocab, label = TINY_VOCAB.vocab_size, sampling_label(sampling)
+    record.params(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
     pvalue_spec = assert_distribution(sequence_counts(speculative.tokens, vocab, E2E_NEW), exact, ALPHA,
-                                      what="speculative sampling")
+                                      what=f"sampling: speculative, {label}")
     pvalue_plain = assert_distribution(sequence_counts(plain.tokens, vocab, E2E_NEW), exact, ALPHA,
-                                       what="plain sampling")
-    record(draws=E2E_DRAWS, min_pvalue=min(pvalue_spec, pvalue_plain), pvalue_speculative=pvalue_spec,
+                                       what=f"sampling: plain, {label}")
+    stats = speculative.stats
+    assert stats.rejections > 0 and stats.full_rounds > 0, \
+        f"sampling: {label}: the run needs both rejections and full acceptance to exercise both paths"
+    record(draws=draws, min_pvalue=min(pvalue_spec, pvalue_plain), pvalue_speculative=pvalue_spec,
            pvalue_plain=pvalue_plain, acceptance_rate=stats.acceptance_rate)
 
 

@@ -48,6 +48,6 @@ def differences(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
         tables.append(Table("Lossy strategies by the oracle", oracle, formats=ERRORS, notes=[
                             "The backend's max abs Δlogit against the fp64 reference, beside the plain path's: the "
                             "same format simulated exactly in fp64 (int8-dynamic, int4-block32/128: "
-                            "harness/references.py) or the reference backend in the same precision (fp16, bf16); "
+                            "harness/references.py) or the harness's reference model in the same precision (fp16, bf16); "
                             "the rule allows at most 2x."]))
     return tables
