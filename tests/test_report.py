@@ -92,6 +92,17 @@ def test_exactness_summary_counts_outcomes_and_keeps_the_worst_ratio():
     assert "Reproduce: `python -m pytest suites/test_kv_cache.py -m exactness --backend onnxrt --backend torch" in text
 
 
+def test_each_strategy_gets_its_own_summary_row_named_by_its_records():
+    records = [make("test_a[torch-fp32]"),
+               make("test_a[torch-int8-dynamic]", "failed", strategy={"quant": "int8-dynamic"}),
+               make("test_h[torch-flash-bf16]", strategy={"attention": "flash"}, params={"dtype": "bf16"})]
+    table = exactness_summary(records_frame(records).dropna(axis=1, how="all"), "kv_cache")
+    rows = table.frame.set_index("strategy")
+    assert sorted(rows.index) == ["bf16, flash", "fp32", "int8-dynamic"]
+    assert (rows.loc["fp32", "passed"], rows.loc["int8-dynamic", "failed"], rows.loc["bf16, flash", "passed"]) \
+        == (1, 1, 1)
+
+
 def test_the_same_check_run_under_two_session_models_counts_once(tmp_path):
     kernel = [make("test_head_dims[torch-flash-64]", suite="flash_attention", model=model, strategy={"attention": "flash"},
                    metrics={"error_ratio": 1.2}) for model in ("default-target", "tiny-random")]

@@ -1,12 +1,19 @@
-"""Reference backends with one planted quantization fault each; tests/test_quantization_faults.py shows that
-suites/test_quantization.py fails on every one of them."""
+"""Quantization faults: the reference backend whose quantized modules compute with one change (same stored
+buffers, a faulty kernel); suites/test_quantization.py judges each kernel against dequantize-then-matmul of its
+stored weights, and the int8 KV quantizer against half a step."""
 from __future__ import annotations
 
 import torch
 
 from backends.quant.formats import INT4_ZERO_POINT, Int8Channels
-from backends.torch_ref.backend import TorchBackend, TorchRunner
+from backends.torch_ref.backend import TorchRunner
 from backends.torch_ref.quantize import Fp8Linear, Int4Linear, Int8KVCache, unpack_nibbles
+
+from . import Fault
+from .kv_cache import planted
+
+SUITE = "suites/test_quantization.py"
+KERNEL_DIFFERS = "*the {quant} kernel differs from dequantize-then-matmul*"
 
 
 class ScalesOnInputAxisFp8(Fp8Linear):
@@ -43,6 +50,13 @@ class ClippingInt8KVCache(Int8KVCache):
     quantize = staticmethod(clipping_quantize)
 
 
+class ClippingKVRunner(TorchRunner):
+    def new_cache(self, batch_size, capacity):
+        if self.kv_int8:
+            return ClippingInt8KVCache(self.config, batch_size, capacity, self.device)
+        return super().new_cache(batch_size, capacity)
+
+
 def swapping_runner(original: type, faulty: type) -> type[TorchRunner]:
     """A runner whose `original` modules compute as `faulty` (same stored buffers, a different kernel)."""
 
@@ -53,23 +67,21 @@ def swapping_runner(original: type, faulty: type) -> type[TorchRunner]:
                 if type(module) is original:
                     module.__class__ = faulty
 
+    Runner.__name__ = f"{faulty.__name__}Runner"
     return Runner
 
 
-class ClippingKVRunner(TorchRunner):
-    def new_cache(self, batch_size, capacity):
-        if self.kv_int8:
-            return ClippingInt8KVCache(self.config, batch_size, capacity, self.device)
-        return super().new_cache(batch_size, capacity)
+def kernel_fault(name: str, original: type, faulty: type, quant: str) -> Fault:
+    return Fault(name, "quantization", faulty.__doc__, SUITE, "dequantize_then_matmul",
+                 KERNEL_DIFFERS.format(quant=quant), backend=planted(name, swapping_runner(original, faulty)),
+                 args=("--quant", quant), outcomes={"failed": 1})
 
 
-def planted(name: str, runner_cls: type[TorchRunner]) -> type[TorchBackend]:
-    return type(f"Planted{name.title().replace('-', '')}", (TorchBackend,), {"name": name, "runner_class": runner_cls})
-
-
-PLANTED = {
-    "scales-wrong-axis": planted("scales-wrong-axis", swapping_runner(Fp8Linear, ScalesOnInputAxisFp8)),
-    "zero-point-off-by-one": planted("zero-point-off-by-one", swapping_runner(Int4Linear, ZeroPointOffByOneInt4)),
-    "groups-shifted": planted("groups-shifted", swapping_runner(Int4Linear, ShiftedGroupsInt4)),
-    "kv-clips": planted("kv-clips", ClippingKVRunner),
-}
+FAULTS = [
+    kernel_fault("fp8-scales-wrong-axis", Fp8Linear, ScalesOnInputAxisFp8, "fp8"),
+    kernel_fault("int4-zero-point-off-by-one", Int4Linear, ZeroPointOffByOneInt4, "int4-block32"),
+    kernel_fault("int4-groups-shifted", Int4Linear, ShiftedGroupsInt4, "int4-block32"),
+    Fault("kv-int8-clips", "quantization", clipping_quantize.__doc__, SUITE, "kv_quantizer",
+          "*the KV quantizer moves an element by more than half a step*",
+          backend=planted("kv-int8-clips", ClippingKVRunner), args=("--quant", "int8-kv"), outcomes={"failed": 1}),
+]
