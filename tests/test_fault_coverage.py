@@ -54,7 +54,7 @@ def test_the_suite_meant_for_the_fault_catches_it(pytester, monkeypatch, registe
     outcomes = result.parseoutcomes()
     caught_by = failed_tests(result)
     matched = fnmatch.filter(result.outlines, fault.message)
-    record(seconds=time.perf_counter() - started, failed=outcomes.get("failed", 0), passed=outcomes.get("passed", 0),
+    record(run_s=time.perf_counter() - started, failed=outcomes.get("failed", 0), passed=outcomes.get("passed", 0),
            caught=float(bool(caught_by and matched)))
     record.params(caught_by=", ".join(caught_by), matched=matched[0][:300] if matched else "")
     output = "\n".join(result.outlines[-40:])
