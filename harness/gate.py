@@ -69,6 +69,8 @@ INFO_METRICS = {
     "requests", "output_tokens", "request_throughput", "output_throughput", "output_throughput_uncached",
     "kv_waste_pct", "preemptions", "max_running", "steps", "mixed_steps", "prefix_tokens_skipped", "ttft_cut_pct",
     "ttft_mean_ms_uncached",
+    # the fault registry (a fault no longer caught fails its test: the outcome is gated) and the mutation tally
+    "caught", "failed", "passed", "mutants", "population", "killed", "survived", "timeout", "no_tests",
 }
 INFO_SUFFIXES = ("_s", "_ms", "_bytes", "_mb", "_error", "_ratio", "_pvalue", "_err")
 
