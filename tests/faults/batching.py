@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from backends.algorithms.serving import block_manager
+from backends.algorithms.serving import block_manager, runner
 from backends.torch_ref.model import TorchPagedKVCache
 from backends.torch_ref.backend import TorchRunner
 
@@ -60,6 +60,18 @@ def blocks_never_released(monkeypatch):
     monkeypatch.setattr(block_manager.BlockManager, "release", lambda self, seq: None)
 
 
+def logits_of_the_token_before_the_last(monkeypatch):
+    """Packed steps take each chunk's logits one token early (the index of its last token off by one), so a prefill
+    chunk samples from its second-to-last token and a decode token from the previous sequence's."""
+    faithful = runner.packed_inputs
+
+    def packed_inputs(chunks):
+        tokens, positions, last = faithful(chunks)
+        return tokens, positions, [max(index - 1, 0) for index in last]
+
+    monkeypatch.setattr(runner, "packed_inputs", packed_inputs)
+
+
 FAULTS = [
     Fault("block-table-off-by-one", "batching", BlockTableOffByOneCache.__doc__, SUITE,
           "paged_step or random-arrivals", "FAILED *test_batching.py::test_paged_step_matches_contiguous*",
@@ -77,4 +89,7 @@ FAULTS = [
     Fault("blocks-never-released", "batching", blocks_never_released.__doc__, SUITE, "random-arrivals or burst",
           "*blocks still held after every request finished*", patch=blocks_never_released,
           args=batching("paged"), outcomes={"failed": 2}),
+    Fault("packed-logits-one-token-early", "batching", logits_of_the_token_before_the_last.__doc__, SUITE,
+          "arrives-during-prefill", "FAILED *test_batching.py::test_each_request_as_alone* - *differ from its tokens*",
+          patch=logits_of_the_token_before_the_last, args=batching("continuous", "paged")),
 ]

@@ -46,20 +46,34 @@ class ScaleOverDFlash(FlashAttention):
         return super().__call__(q, k, v, allowed, bias, 1.0 / q.shape[-1])
 
 
+class DropsPartialKeyTileFlash(FlashAttention):
+    """The number of key tiles is floor-divided: keys past the last whole tile are never visited (when there is a
+    whole tile at all)."""
+
+    def __call__(self, q, k, v, allowed, bias, scale):
+        whole = k.shape[2] // self.block_k * self.block_k or k.shape[2]
+        bias = None if bias is None else bias[..., :whole]
+        return super().__call__(q, k[:, :, :whole], v[:, :, :whole], allowed[..., :whole], bias, scale)
+
+
 def kernel_backend(name: str, kernel: FlashAttention) -> type[TorchBackend]:
     """The reference backend with `kernel` as its flash attention."""
     return type(f"Planted{type(kernel).__name__}", (TorchBackend,),
                 {"name": name, "attention_kernels": lambda self: {**IMPLEMENTATIONS, Attention.FLASH: kernel}})
 
 
-def flash_fault(name: str, kernel: FlashAttention, selection: str, test: str, failed: int) -> Fault:
-    """`failed`: how many tests of the selection run (one per dtype and case); every one must fail."""
+def flash_fault(name: str, kernel: FlashAttention, selection: str, test: str, failed: int, passed: int = 0) -> Fault:
+    """`failed`: how many tests of the selection (one per dtype and case) must fail, `passed` how many pass."""
     return Fault(name, "flash-attention", type(kernel).__doc__, SUITE, selection, ORACLE_FAILURE.format(test=test),
-                 backend=kernel_backend(name, kernel), args=FLASH, outcomes={"failed": failed})
+                 backend=kernel_backend(name, kernel), args=FLASH, outcomes={"failed": failed, "passed": passed})
 
 
 FAULTS = [
     flash_fault("flash-no-rescale", NoRescaleFlash(), "test_seq_lengths and (1023 or 1025)", "seq_lengths", 6),
     flash_fault("flash-top-left-causal", TopLeftCausalFlash(), "test_q_len_differs_from_k_len", "q_len_differs", 12),
     flash_fault("flash-scale-over-d", ScaleOverDFlash(), "test_head_dims", "head_dims", 15),
+    # 1023 keys lose 255 in every dtype; 1025 lose one key, seen by the last query alone: about 1/1025 of its output,
+    # inside bf16's and fp16's rounding (2x their plain error), so only fp32 sees it there
+    flash_fault("flash-drops-partial-key-tile", DropsPartialKeyTileFlash(), "test_seq_lengths and (1023 or 1025)",
+                "seq_lengths", failed=4, passed=2),
 ]

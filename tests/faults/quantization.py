@@ -39,6 +39,15 @@ class ShiftedGroupsInt4(Int4Linear):
         return (unpack_nibbles(self.packed).float() - INT4_ZERO_POINT) * per_weight
 
 
+class SwappedNibblesInt4(Int4Linear):
+    """The two codes of each packed byte are read in the wrong order (high nibble first)."""
+
+    def weight_fp32(self):
+        codes = unpack_nibbles(self.packed).view(self.out_features, -1, 2).flip(-1)
+        per_weight = self.scales.repeat_interleave(self.block, dim=1)
+        return (codes.reshape(self.out_features, -1).float() - INT4_ZERO_POINT) * per_weight
+
+
 def clipping_quantize(x: torch.Tensor) -> Int8Channels:
     """Scales from the mean magnitude (3 x mean / 127): outliers are clipped to the largest code."""
     scales = 3 * x.float().abs().mean(-1, keepdim=True) / 127
@@ -81,6 +90,7 @@ FAULTS = [
     kernel_fault("fp8-scales-wrong-axis", Fp8Linear, ScalesOnInputAxisFp8, "fp8"),
     kernel_fault("int4-zero-point-off-by-one", Int4Linear, ZeroPointOffByOneInt4, "int4-block32"),
     kernel_fault("int4-groups-shifted", Int4Linear, ShiftedGroupsInt4, "int4-block32"),
+    kernel_fault("int4-nibbles-swapped", Int4Linear, SwappedNibblesInt4, "int4-block128"),
     Fault("kv-int8-clips", "quantization", clipping_quantize.__doc__, SUITE, "kv_quantizer",
           "*the KV quantizer moves an element by more than half a step*",
           backend=planted("kv-int8-clips", ClippingKVRunner), args=("--quant", "int8-kv"), outcomes={"failed": 1}),
