@@ -21,10 +21,10 @@ from .records import Record, RunWriter, current_commit, machine_info, new_run_id
 
 SUITE = "fault_coverage"
 SEED = 13
-PER_MODULE = 20  # mutants sampled from each module (all of a module with fewer)
+PER_MODULE = 10  # mutants sampled from each module (all of a module with fewer)
 MUTANTS_DIR = Path("mutants")  # where mutmut works, under the repository root (gitignored)
 # a mutant every module has, cheap to run: the first run generates every mutant and maps the tests to functions
-FIRST_MUTANT = "harness.oracles.x_first_mismatch__mutmut_1"
+FIRST_MUTANT = "harness.oracles.x_chi_square_pvalue__mutmut_1"
 # mutmut's verdicts that count as not killed: a timeout or an unexplained exit is no test failing
 SURVIVING = ("survived", "timeout", "suspicious")
 

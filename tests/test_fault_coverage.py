@@ -91,3 +91,12 @@ def test_the_registry_has_a_fault_for_every_area_and_a_suite_that_exists():
     assert len(FAULTS) >= 30
     missing = sorted({f.suite for f in FAULTS if not (REPO / f.suite).is_file()})
     assert not missing, f"faults name suites that do not exist: {missing}"
+
+
+def test_a_mutant_count_below_one_is_a_one_line_usage_error(capsys):
+    from harness.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["faults", "--mutants-per-module", "0"])
+    assert exit_info.value.code == 2
+    assert "--mutants-per-module 0: expected a positive number of mutants" in capsys.readouterr().err
