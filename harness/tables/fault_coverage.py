@@ -40,7 +40,8 @@ def fault_tables(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
     caught = faults["verdict"].str.startswith("caught")
     by_area = (faults.assign(caught=caught, escapes=faults["verdict"] == "escapes")
                .groupby("param.area").agg(faults=("param.fault", "size"), caught=("caught", "sum"),
-                                          escapes=("escapes", "sum"), suite=("param.suite_meant", "first")))
+                                          escapes=("escapes", "sum"),
+                                          suite=("param.suite_meant", lambda s: ", ".join(sorted(set(s))))))
     by_area["caught (%)"] = by_area["caught"] / by_area["faults"]
     summary = by_area.reset_index().rename(columns={"param.area": "area", "suite": "suite meant"})
     share = caught.mean()
@@ -49,7 +50,8 @@ def fault_tables(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
              "suite's selection for it fails with a line matching the fault's message (which names the area) and "
              "the outcome counts the registry expects. escapes: a known gap, kept in the registry with its reason."]
     detail = pd.DataFrame({
-        "fault": faults["param.fault"], "area": faults["param.area"], "the bug": faults["param.what"],
+        "fault": faults["param.fault"], "area": faults["param.area"],
+        "the bug": faults["param.what"].str.split().str.join(" "),  # a docstring: one line in a table cell
         "suite meant": faults["param.suite_meant"], "selection (-k)": faults["param.selection"],
         "verdict": faults["verdict"], "failed tests": faults["metric.failed"],
         "caught by": faults["param.caught_by"].replace("", "-"),
@@ -94,7 +96,8 @@ def mutation_tables(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
                 for name in str(names).split() if name]
     tables = [Table("Mutation score", scores, notes, formats={"score": "percent"}, reproduce=REPRODUCE)]
     if survived:
-        tables.append(Table(f"Surviving mutants ({len(survived)})", pd.DataFrame(survived, columns=["module", "mutant"]),
+        survivors = pd.DataFrame(survived, columns=["module", "mutant"])
+        tables.append(Table(f"Surviving mutants ({len(survived)})", survivors,
                             ["`mutmut show NAME` (after the run, in the repository root) prints a mutant's diff."],
                             reproduce=REPRODUCE, collapsed=True))
     return tables
