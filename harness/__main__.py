@@ -1,4 +1,4 @@
-"""python -m harness COMMAND: run (the main job), report, gate, kv-calc, train."""
+"""python -m harness COMMAND: run (the main job), faults, report, gate, kv-calc, train."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .mutation import PER_MODULE
 from .records import RecordsError
 
 MAIN_JOB_MARKERS = "exactness or bench"
@@ -29,6 +30,19 @@ def run_main_job(results_dir: Path, pytest_args: list[str], quick: bool = False)
         print(f"error: pytest ended with status {status}; tables not regenerated", file=sys.stderr)
         return status
     return report(results_dir) or status
+
+
+def run_faults(results_dir: Path, per_module: int, pytest_args: list[str]) -> int:
+    """The fault tier (every planted fault against the suite meant for it), then the mutation run, recorded into
+    `results_dir`, then the tables (results/fault_coverage.md among them)."""
+    from .mutation import run_mutation
+
+    status = subprocess.run([sys.executable, "-m", "pytest", "tests/test_fault_coverage.py", "-m", "faults",
+                             "--results-dir", str(results_dir), *pytest_args]).returncode
+    if status not in TABULATED_STATUSES:
+        print(f"error: pytest ended with status {status}; tables not regenerated", file=sys.stderr)
+        return status
+    return run_mutation(results_dir, per_module) or report(results_dir) or status
 
 
 def report(results_dir: Path) -> int:
@@ -57,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--quick", action="store_true",
                      help=f"a first look: only -m '{QUICK_MARKERS}' (a few minutes), then the tables")
     run.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra arguments passed to pytest")
+    faults = commands.add_parser("faults", help="run the planted faults and the mutation run, then the tables "
+                                                "(results/fault_coverage.md)")
+    faults.add_argument("--results-dir", type=Path, default=PUBLISHED, help=f"default: {PUBLISHED}")
+    faults.add_argument("--mutants-per-module", type=int, default=PER_MODULE,
+                        help=f"mutants sampled from each mutated module (default: {PER_MODULE})")
+    faults.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra arguments passed to pytest")
     rep = commands.add_parser("report", help="regenerate results/*.md from the run files in results/records/")
     rep.add_argument("--results-dir", type=Path, default=PUBLISHED, help=f"default: {PUBLISHED}")
     gate = commands.add_parser("gate", help="judge a run against a baseline (exit 0 pass, 1 regression, 2 error)")
@@ -74,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         return main_train(rest)
     if args.command == "run":
         return run_main_job(args.results_dir, args.pytest_args + rest, args.quick)
+    if args.command == "faults":
+        if args.mutants_per_module < 1:
+            parser.error(f"--mutants-per-module {args.mutants_per_module}: expected a positive number of mutants")
+        return run_faults(args.results_dir, args.mutants_per_module, args.pytest_args + rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "gate":

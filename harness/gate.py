@@ -71,6 +71,8 @@ INFO_METRICS = {
     "ttft_mean_ms_uncached",
     # engines: the roofline fraction depends on the machine's measured bandwidth, read in the same run
     "roofline_fraction", "machine_read_GBps",
+    # the fault registry (a fault no longer caught fails its test: the outcome is gated) and the mutation tally
+    "caught", "failed", "passed", "mutants", "population", "killed", "survived", "timeout", "no_tests",
 }
 INFO_SUFFIXES = ("_s", "_ms", "_bytes", "_mb", "_error", "_ratio", "_pvalue", "_err")
 

@@ -1,6 +1,6 @@
 """The pytest plugin: options, fixtures, parametrization by backend and strategy, capability skips, records.
 
-State lives on one HarnessSession in `config.stash`. Tests marked `exactness` or `bench` become records:
+State lives on one HarnessSession in `config.stash`. Tests marked `exactness`, `bench` or `faults` become records:
 their parametrization (backend, strategy, the rest as parameters), outcome, the metrics they attach with
 the `record` fixture and, for benchmarks, pytest-benchmark's statistics. Each record is appended to this run's
 own file as its test finishes (harness/records.py); plain `pytest` writes under a scratch directory,
@@ -33,7 +33,7 @@ RESULTS_DIR_ENV = "EXACTBENCH_RESULTS_DIR"  # overrides the scratch directory (t
 STRATEGY_FIXTURES = ("quant", "attention")
 PARAMETRIZED_FIXTURES = (*STRATEGY_FIXTURES, "batching")  # batching is recorded as a parameter
 STRATEGY_KINDS = {"quant": Quant, "attention": Attention, "batching": Batching}
-RECORDED_MARKERS = ("exactness", "bench")
+RECORDED_MARKERS = ("exactness", "bench", "faults")
 
 
 @dataclass
@@ -141,6 +141,7 @@ def open_run(config: pytest.Config, options: dict[str, object]) -> RunWriter:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "exactness: deterministic checks that an optimization changes nothing it must not")
     config.addinivalue_line("markers", "bench: timed or memory measurements, recorded and tabulated")
+    config.addinivalue_line("markers", "faults: a planted fault run against the suite meant to catch it (tests/faults/)")
     config.addinivalue_line("markers", "config_matrix: the built-in configuration matrix (every position encoding x "
                                        "MHA/GQA/MQA on small random models) rather than the --model checkpoint")
     try:

@@ -35,7 +35,7 @@ transformers = pytest.importorskip("transformers", reason="transformers (an opti
 
 # fp32 logits: max |ours - theirs| <= FP32_RELATIVE * max |their logits|, about 32 fp32 ulps of the largest logit;
 # the cases here measure at most 7.5e-7 (6 ulps), but Gemma 2's 1.7e-6 (its logits capped at 4: the cap shrinks
-# the largest logit more than the error); every planted convention fault of tests/test_cross_implementation_faults.py
+# the largest logit more than the error); every planted convention fault of tests/faults/cross_implementation.py
 # exceeds it
 FP32_RELATIVE = 4e-6
 N_GREEDY = 32

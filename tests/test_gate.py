@@ -13,7 +13,7 @@ from harness.__main__ import main as harness_main
 from harness.gate import DEFAULT_RULES, GateConfig, Rule, compare, rule_for
 from harness.records import Record, dumps, load_all
 
-from .planted_faults import RopeOffByOneRunner, planted
+from .faults.kv_cache import RopeOffByOneRunner, planted
 
 SUITES = Path(__file__).resolve().parents[1] / "suites"
 SLEEP_PER_DECODE_STEP_S = 0.004

@@ -92,6 +92,17 @@ def test_exactness_summary_counts_outcomes_and_keeps_the_worst_ratio():
     assert "Reproduce: `python -m pytest suites/test_kv_cache.py -m exactness --backend onnxrt --backend torch" in text
 
 
+def test_each_strategy_gets_its_own_summary_row_named_by_its_records():
+    records = [make("test_a[torch-fp32]"),
+               make("test_a[torch-int8-dynamic]", "failed", strategy={"quant": "int8-dynamic"}),
+               make("test_h[torch-flash-bf16]", strategy={"attention": "flash"}, params={"dtype": "bf16"})]
+    table = exactness_summary(records_frame(records).dropna(axis=1, how="all"), "kv_cache")
+    rows = table.frame.set_index("strategy")
+    assert sorted(rows.index) == ["bf16, flash", "fp32", "int8-dynamic"]
+    assert (rows.loc["fp32", "passed"], rows.loc["int8-dynamic", "failed"], rows.loc["bf16, flash", "passed"]) \
+        == (1, 1, 1)
+
+
 def test_the_same_check_run_under_two_session_models_counts_once(tmp_path):
     kernel = [make("test_head_dims[torch-flash-64]", suite="flash_attention", model=model, strategy={"attention": "flash"},
                    metrics={"error_ratio": 1.2}) for model in ("default-target", "tiny-random")]
@@ -258,3 +269,46 @@ def test_the_engines_page_shows_ratios_roofline_and_the_same_token_check(tmp_pat
     assert "31%" in text and "12.5 GB/s" in text and "do not fit in the last-level cache" in text
     assert "Same tokens as torch fp32" in text and "nan" not in text.lower()
     assert (tmp_path / "engines_default-target.png").is_file()
+
+
+def fault_record(fault: str, area: str, outcome: str = "passed", caught: bool = True, escapes: str = "") -> Record:
+    """A record as tests/test_fault_coverage.py writes it."""
+    return Record(suite="fault_coverage", tier="faults",
+                  test=f"tests/test_fault_coverage.py::test_the_suite_meant_for_the_fault_catches_it[{fault}]",
+                  backend=None, model="default-target", strategy={}, outcome=outcome, machine=MACHINE,
+                  params={"fault": fault, "area": area, "what": f"the {fault} bug", "suite_meant": f"suites/{area}.py",
+                          "selection": "x", "message": "*", "escapes": escapes,
+                          "caught_by": "test_x" if caught else "", "matched": "FAILED x - boom" if caught else ""},
+                  metrics={"run_s": 1.5, "failed": float(caught), "passed": 0.0, "caught": float(caught)})
+
+
+def test_the_fault_coverage_page_shows_the_share_caught_and_each_escape(tmp_path):
+    records = [fault_record("a", "kv-cache"), fault_record("b", "kv-cache"), fault_record("c", "batching"),
+               fault_record("d", "batching", "xfailed", caught=False, escapes="needs a longer context")]
+    write_pages(tmp_path, records)
+    page = (tmp_path / "fault_coverage.md").read_text()
+    assert "Caught by the suite meant for them: 3 of 4 planted faults (75%; goal 95%)" in page
+    assert "| d " in page and "escapes" in page and "d escapes: needs a longer context" in page
+    assert re.search(r"\| batching +\| +2 \| +1 \| +1 \| suites/batching.py +\| +50% \|", page), page
+    assert page.count("Reproduce: `python -m harness faults`") == page.count("\n## ")
+    assert "nan" not in page.lower()
+
+
+def test_the_mutation_score_is_killed_over_mutants_with_tests_and_lists_the_survivors(tmp_path):
+    pytest.importorskip("mutmut", reason="mutmut (the faults extra) is not installed")
+    from harness.mutation import mutation_records
+
+    codes = {"harness/oracles.py": {"harness.oracles.x_f__mutmut_1": 1, "harness.oracles.x_f__mutmut_2": 0,
+                                    "harness.oracles.x_g__mutmut_1": 33, "harness.oracles.x_g__mutmut_2": 1},
+             "backends/algorithms/generation.py": {"backends.algorithms.generation.x_h__mutmut_1": 36}}
+    chosen = {module: sorted(names) for module, names in codes.items()}
+    records = mutation_records(codes, chosen, {"harness/oracles.py": 9, "backends/algorithms/generation.py": 5},
+                               60.0, 20, 13)
+    oracles = next(r for r in records if r.params["module"] == "harness/oracles.py")
+    assert (oracles.metrics["killed"], oracles.metrics["survived"], oracles.metrics["no_tests"]) == (2, 1, 1)
+    assert oracles.params["survived"] == "harness.oracles.x_f__mutmut_2"
+    write_pages(tmp_path, [fault_record("a", "kv-cache")] + records)
+    page = (tmp_path / "fault_coverage.md").read_text()
+    # the timeout counts as survived; the mutant no test runs is left out: 2 killed of 4 tested
+    assert "Mutation score: 2 killed of 4 mutants tested (50%)" in page
+    assert "harness.oracles.x_f__mutmut_2" in page and "backends.algorithms.generation.x_h__mutmut_1" in page

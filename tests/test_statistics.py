@@ -62,6 +62,12 @@ def test_chi_square_pools_rare_categories():
         chi_square_pvalue(torch.tensor([1, 2]), torch.tensor([0.2, 0.3, 0.5]))
 
 
+def test_a_category_expected_exactly_five_times_is_not_pooled():
+    # Cochran's rule pools categories expected fewer than 5 times: 100 draws expected 90, 5, 5 keep three categories
+    _, _, dof = chi_square_pvalue(torch.tensor([88, 6, 6]), torch.tensor([18.0, 1.0, 1.0], dtype=torch.float64))
+    assert dof == 2
+
+
 def test_assert_distribution_rejects_a_biased_sampler():
     generator = torch.Generator().manual_seed(1)
     probs = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)

@@ -20,7 +20,7 @@ from harness.models import TINY_RANDOM, random_checkpoint, trained_scale_checkpo
 from harness.oracles import assert_fp32_by_oracle, assert_greedy_agrees, max_abs_error
 from harness.references import float64_reference, int4_block_dequantized, uint8_affine
 
-from .planted_faults import PLANTED
+from .faults.kv_cache import FAULTS as KV_FAULTS
 
 # imported here, not first inside a pytester run: pytester drops the modules a run imported, and onnx's
 # extension module aborts the process when it is imported a second time
@@ -88,7 +88,8 @@ def test_suites_pass_a_correct_backend_on_a_trained_scale_checkpoint(pytester, t
 ])
 def test_planted_faults_fail_the_oracle_on_a_trained_scale_checkpoint(pytester, register_backend, trained_scale_dir,
                                                                       fault, selection, failed):
-    backend = register_backend(PLANTED[fault])
+    [planted] = [f.backend for f in KV_FAULTS if f.name == fault]
+    backend = register_backend(planted)
     result = run_suite(pytester, "test_kv_cache.py", trained_scale_dir, "--backend", backend, "--attention", "sdpa",
                        "-k", selection)
     result.assert_outcomes(failed=failed)

@@ -24,11 +24,15 @@ class Fault:
     what: str                 # one line: the bug, as an engineer would describe it
     suite: str                # the suite meant to catch it, relative to the repository root
     selection: str            # pytest -k expression: the tests meant to catch it
-    message: str              # fnmatch pattern the failure output must contain (it names the area)
+    message: str              # fnmatch pattern a line of the failure output must match (it names the area)
     backend: type | None = None                                 # a planted backend, or
     patch: Callable[[pytest.MonkeyPatch], None] | None = None   # a patch into shared code
-    base_backend: str = "torch"                                 # the backend a patch runs on
+    base_backend: str = "torch"                                 # the backend a patch runs on; the reference a
+                                                                # planted backend is derived from
     args: tuple[str, ...] = field(default_factory=tuple)        # extra options for the inner run
+    outcomes: dict[str, int] | None = None                      # the exact outcome counts of the selection, where
+                                                                # they say more than "some test failed"
+    escapes: str | None = None                                  # why the suite meant for it misses it (a known gap)
 
     def __post_init__(self):
         if (self.backend is None) == (self.patch is None):

@@ -20,9 +20,9 @@ from backends.strategies import Attention
 from backends.torch_ref.attention import FlashAttention
 from backends.torch_ref.backend import TorchBackend, TorchRunner
 from backends.torch_ref.model import Transformer, TorchKVCache, full_sequence_context, rope_frequencies
-from tests.planted_faults import planted
 
 from . import Fault
+from .kv_cache import planted
 
 
 # --- 1. low precision ------------------------------------------------------------------------------

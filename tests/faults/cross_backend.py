@@ -1,16 +1,22 @@
-"""The onnxrt backend with one planted fault each: the cross-backend suite must fail on every one.
-
-Each wraps the real runner and changes one thing on the way in or out, as a bug in an engine would.
-"""
+"""Cross-backend faults: the onnxrt backend wrapped to change one thing on the way in or out, as a bug in an engine
+would; suites/test_cross_backend.py judges it against the harness's fp64 reference."""
 from __future__ import annotations
 
+import onnx  # noqa: F401  (these, imported here rather than first inside a pytester run: pytester drops the
+import onnxruntime.quantization  # noqa: F401  modules a run imported, and onnx's extension module aborts the
+import onnxruntime.transformers.float16  # noqa: F401  process when it is imported a second time)
 import torch
 
 from backends.base import ModelRunner
 from backends.onnxrt import OnnxRuntimeBackend
-from backends.onnxrt.paged import OrtPagedKVCache
-from backends.onnxrt.runner import OrtRunner
 from backends.strategies import Quant
+
+from . import Fault
+
+SUITE = "suites/test_cross_backend.py"
+CONFIGS = "(rope-gqa or alibi-mqa or learned-mha)"  # three position encodings, three attention kinds
+FP32_SELECTION = f"(fp32_logits and {CONFIGS}) or greedy"
+ORACLE_FAILURE = "FAILED *test_cross_backend.py::test_{test}* - AssertionError: optimized error * exceeds 2.0 x plain*"
 
 
 class WrappedRunner(ModelRunner):
@@ -67,30 +73,20 @@ def planted(name: str, runner_cls: type[WrappedRunner]) -> type[OnnxRuntimeBacke
     return type(f"Planted{runner_cls.__name__}", (OnnxRuntimeBackend,), {"name": name, "load": load})
 
 
-class GatherOffByOneCache(OrtPagedKVCache):
-    """The paged graph gathers each query's keys and values through the block-table entry after the right one
-    (writes are right): a block-table off-by-one in the gather."""
-
-    def key_slots(self, tables, span):
-        shifted = torch.cat([tables[:, 1:], tables[:, -1:]], dim=1)
-        return super().key_slots(shifted, span)
+def onnxrt_fault(name: str, runner_cls: type[WrappedRunner], selection: str, message: str, quants: tuple[str, ...],
+                 failed: int) -> Fault:
+    return Fault(name, "cross-backend", runner_cls.__doc__, SUITE, selection, message,
+                 backend=planted(name, runner_cls), base_backend="onnxrt",
+                 args=tuple(arg for quant in quants for arg in ("--quant", quant)), outcomes={"failed": failed})
 
 
-class GatherOffByOneRunner(OrtRunner):
-    paged_cache_class = GatherOffByOneCache
-
-
-class PlantedGatherOffByOne(OnnxRuntimeBackend):
-    name = "onnxrt-gather-off-by-one"
-
-    def load(self, checkpoint, strategy):
-        runner = OnnxRuntimeBackend.load(self, checkpoint, strategy)
-        return GatherOffByOneRunner(runner.checkpoint, runner.strategy, runner.path)
-
-
-PLANTED = {
-    "onnxrt-shifted-positions": planted("onnxrt-shifted-positions", ShiftedPositions),
-    "onnxrt-ignores-padding": planted("onnxrt-ignores-padding", IgnoresPadding),
-    "onnxrt-scrambled-lowp": planted("onnxrt-scrambled-lowp", ScrambledLowPrecision),
-    "onnxrt-gather-off-by-one": PlantedGatherOffByOne,
-}
+FAULTS = [
+    # fp32 logits on three configurations and the greedy tokens of the --model checkpoint
+    onnxrt_fault("onnxrt-shifted-positions", ShiftedPositions, FP32_SELECTION,
+                 ORACLE_FAILURE.format(test="fp32_logits"), ("fp32",), 3 + 1),
+    onnxrt_fault("onnxrt-ignores-padding", IgnoresPadding, FP32_SELECTION,
+                 ORACLE_FAILURE.format(test="fp32_logits"), ("fp32",), 3 + 1),
+    # error far above torch fp16's (fp16) and above the simulated int8 format's (int8-dynamic)
+    onnxrt_fault("onnxrt-scrambled-lowp", ScrambledLowPrecision, "oracle",
+                 ORACLE_FAILURE.format(test="low_precision"), ("fp16", "int8-dynamic"), 2),
+]
