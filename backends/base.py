@@ -156,13 +156,8 @@ class PagedKVCache(ABC):
     The addressing of `PagedRunner.forward_paged` is written here once, for every backend: `new_token_slots`
     checks a step's block tables and places its tokens, `physical_slots` resolves logical slots to pool slots."""
 
-    @property
-    @abstractmethod
-    def n_blocks(self) -> int: ...
-
-    @property
-    @abstractmethod
-    def block_size(self) -> int: ...
+    def __init__(self, n_blocks: int, block_size: int):
+        self.n_blocks, self.block_size = n_blocks, block_size
 
     @property
     @abstractmethod

@@ -25,10 +25,11 @@ import torch
 
 FP32_EPS = torch.finfo(torch.float32).eps
 # The low-precision oracle's factor. Legitimate ratios (torch and onnxrt over every configuration and precision,
-# recorded as `oracle_ratio`, tabulated in results/kv_cache.md by harness/tables/margin.py) measured 0.31 to 1.75
-# here, median 1.0; the planted precision faults 15 to 2,300 (tests/faults/escapes.py). 2 sits between, and is
-# flash-attention's k.
-PRECISION_FACTOR = 2.0
+# recorded as `oracle_ratio`, tabulated in results/kv_cache.md by harness/tables/margin.py) measured 0.31 to 2.01
+# here, median 1.0 (the largest: onnxrt's fused graph, GroupQueryAttention, on padding inside and after the
+# prefill of default-target in fp32); the planted precision faults 15 to 2,300 (tests/faults/escapes.py). 3 sits
+# between with a margin of 1.5 over the largest legitimate ratio.
+PRECISION_FACTOR = 3.0
 
 
 def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

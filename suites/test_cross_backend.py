@@ -121,10 +121,10 @@ def test_low_precision_logits_by_the_oracle(backend, load_runner, model, quant, 
         pytest.skip("fp32 is judged against the reference backend's fp32 (test_fp32_logits_match_reference)")
     if backend.name == REFERENCE:
         pytest.skip(f"{REFERENCE} is the reference this suite compares other backends against")
+    runner = load_runner(model.checkpoint, Strategy(quant))  # first: a strategy the checkpoint cannot take skips
     plain = plain_reference(model.checkpoint, quant)
     if plain is None:
         pytest.skip(f"the harness computes no reference of quant:{quant.value}")
-    runner = load_runner(model.checkpoint, Strategy(quant))
     record.params(plain_path="simulated" if quant in SIMULATED else "reference model")
     inputs = far_from_zero(left_pad(prompts(model.checkpoint.config.vocab_size)), model.checkpoint.config)
     optimized, plain_logits, exact = (teacher_forced(r, *inputs)

@@ -32,15 +32,7 @@ class OrtPagedKVCache(PagedKVCache):
                        for _ in session.pool_names]
         self.slot_positions = torch.zeros(n_blocks * block_size, dtype=torch.long)
         self.bindings: dict = {}  # session -> (its binding of this pool, its other inputs): runner.run_in_place
-        self._n_blocks, self._block_size = n_blocks, block_size
-
-    @property
-    def n_blocks(self) -> int:
-        return self._n_blocks
-
-    @property
-    def block_size(self) -> int:
-        return self._block_size
+        super().__init__(n_blocks, block_size)
 
     @property
     def allocated_bytes(self) -> int:

@@ -358,15 +358,7 @@ class TorchPagedKVCache(PagedKVCache):
         self.k = torch.full(shape, fill, dtype=dtype, device=device)
         self.v = torch.full(shape, fill, dtype=dtype, device=device)
         self.slot_positions = torch.zeros(n_blocks * block_size, dtype=torch.long, device=device)
-        self._n_blocks, self._block_size = n_blocks, block_size
-
-    @property
-    def n_blocks(self) -> int:
-        return self._n_blocks
-
-    @property
-    def block_size(self) -> int:
-        return self._block_size
+        super().__init__(n_blocks, block_size)
 
     @property
     def allocated_bytes(self) -> int:
@@ -386,9 +378,9 @@ class TorchPagedKVCache(PagedKVCache):
             shape = (-1, 1) if one_per_row else (1, -1)  # (G, T)
             group_seqs = seqs[index] if one_per_row else seqs[index[:1]]
             held = context_lens[group_seqs]  # (G,) tokens each sequence holds once this step is written
-            span = int(-(-int(held.max()) // self._block_size)) * self._block_size
+            span = int(-(-int(held.max()) // self.block_size)) * self.block_size
             key_logical = torch.arange(span, device=seqs.device)  # (S,)
-            key_slots = self.physical_slots(tables[group_seqs, : span // self._block_size],
+            key_slots = self.physical_slots(tables[group_seqs, : span // self.block_size],
                                             key_logical.expand(len(group_seqs), -1))  # (G, S)
             key_valid = key_logical[None, :] < held[:, None]
             allowed = key_valid[:, None, :] & (key_logical[None, None, :] <= logical[index].view(shape)[:, :, None])

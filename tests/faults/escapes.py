@@ -36,8 +36,8 @@ class Bf16RoundedKVCache(TorchKVCache):
     """Keys and values rounded to bf16 as they are stored, in tensors of the strategy's type (4 bytes an element
     in fp32: the KV-bytes check cannot see it)."""
 
-    def store(self, layer, slots, k, v, seen):
-        return super().store(layer, slots, bf16_round_trip(k), bf16_round_trip(v), seen)
+    def store(self, layer, slots, first_slot, k, v, seen):
+        return super().store(layer, slots, first_slot, bf16_round_trip(k), bf16_round_trip(v), seen)
 
 
 class Bf16KVRunner(TorchRunner):
@@ -180,7 +180,7 @@ class PrefillOnlyPaddingRunner(TorchRunner):
 
 KV_SUITE = "suites/test_kv_cache.py"
 SPECULATIVE_SUITE = "suites/test_speculative.py"
-PRECISION_MESSAGE = "*KV cache: {quant}*yardstick: the harness's reference model*exceeds 2.0 x plain error*"
+PRECISION_MESSAGE = "*KV cache: {quant}*yardstick: the harness's reference model*exceeds 3.0 x plain error*"
 
 FAULTS = [
     Fault("kv-cache-bf16-when-fp32", "kv-cache", "the KV cache rounds keys and values to bf16 under fp32 "
