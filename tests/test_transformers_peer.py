@@ -30,3 +30,11 @@ def test_rolling_rows_back_to_different_lengths_is_refused_naming_the_capability
         cache.truncate(torch.tensor([2, 3]))
     cache.truncate(torch.tensor([3, 3]))  # the whole batch to one length: what DynamicCache.crop does
     assert cache.lengths.tolist() == [3, 3]
+
+
+def test_a_rope_variant_transformers_lacks_is_refused_not_run_as_plain_rope():
+    pytest.importorskip("transformers", reason="transformers (the peers extra) is not installed")
+    from harness.models import small_checkpoint
+
+    with pytest.raises(UnsupportedModel, match=r"small-rope-ntk-gqa: transformers has no rope_type 'ntk' \(it has: "):
+        peer.TransformersBackend().load(small_checkpoint("rope-ntk", "gqa"), Strategy())

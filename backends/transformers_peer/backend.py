@@ -24,6 +24,17 @@ def import_transformers():
     return import_package("transformers")
 
 
+def check_rope_type(name: str, hf_config: dict) -> None:
+    """A RoPE variant transformers does not implement (our static NTK) would run as plain RoPE: refuse it."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = hf_config.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default" and kind not in ROPE_INIT_FUNCTIONS:
+        raise UnsupportedModel(f"{name}: transformers has no rope_type {kind!r} (it has: default, "
+                               f"{', '.join(ROPE_INIT_FUNCTIONS)})")
+
+
 def model_directory(checkpoint: Checkpoint):
     """The checkpoint's Hugging Face directory; a built-in model is saved once under the cache, by fingerprint."""
     if checkpoint.directory is not None:
@@ -78,9 +89,11 @@ class TransformersRunner(ModelRunner):
         super().__init__(checkpoint, strategy)
         self.transformers = import_transformers()
         directory = model_directory(checkpoint)
-        arch = hf_architecture(json.loads((directory / "config.json").read_text()))
+        hf_config = json.loads((directory / "config.json").read_text())
+        arch = hf_architecture(hf_config)
         if not hasattr(self.transformers, arch):
             raise UnsupportedModel(f"{checkpoint.name}: transformers has no class {arch}")
+        check_rope_type(checkpoint.name, hf_config)
         self.model = getattr(self.transformers, arch).from_pretrained(directory, dtype=torch.float32).eval()
         # transformers 5.2x renamed the forward's past_key_values argument to cache
         self.cache_argument = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
