@@ -15,6 +15,7 @@ from backends.algorithms.generation import generate, left_pad
 from backends.strategies import Quant, Strategy
 from harness.models import ATTENTION_KINDS, POSITION_VARIANTS, config_matrix, parametrize_models, small_checkpoint
 from harness.oracles import assert_by_oracle, assert_by_precision_reference, assert_fp32_by_oracle, max_abs_error
+from harness.plugin import require
 from harness.references import PRECISIONS, float64_reference, precision_reference
 
 N_DECODE = 32
@@ -132,10 +133,11 @@ def test_rollback_then_decode_matches_recompute(load_runner, model, record):
 
 
 @pytest.mark.exactness
-def test_rows_truncated_by_different_amounts_then_decode(load_runner, model, record):
+def test_rows_truncated_by_different_amounts_then_decode(backend, load_runner, model, record):
     """Three left-padded rows of different lengths each take 5 speculative tokens, are rolled back by different
     amounts (keeping 4, 0 and 2 of them) and decode 3 more tokens in one call: each row as close to fp64 as that
     row recomputed alone (a rollback or a write slot that is right for one row only fails here)."""
+    require(backend, "cache-rollback")  # each row rolled back to its own length
     runner = load_runner(model.checkpoint, Strategy(Quant.FP32))
     vocab = runner.config.vocab_size
     prompts = [prompt(n, vocab, seed=n) for n in (9, 4, 13)]
