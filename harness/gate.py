@@ -52,6 +52,7 @@ DEFAULT_RULES: dict[str, Rule] = {
     "ppl": Rule("quality", "lower", 0.01),
     "same_top1": Rule("quality", "higher", 0.005, absolute=True),
     "ratio_to_fp32": Rule("speed", "higher", 0.10),  # a quantization strategy over its backend's fp32
+    "ratio_to_genai": Rule("speed", "higher", 0.10),  # onnxrt over onnxruntime-genai, timed alternately
     "mean_kld": Rule("quality", "lower", 0.10),
     "delta_ppl": Rule("quality", "lower", 0.05, absolute=True),
     "shared_prefix_skipped_pct": Rule("quality", "higher", 1.0, absolute=True),
@@ -70,7 +71,9 @@ INFO_METRICS = {
     "kv_waste_pct", "preemptions", "max_running", "steps", "mixed_steps", "prefix_tokens_skipped", "ttft_cut_pct",
     "ttft_mean_ms_uncached",
     # engines: the roofline fraction depends on the machine's measured bandwidth, read in the same run
-    "roofline_fraction", "machine_read_GBps",
+    "roofline_fraction", "machine_read_GBps", "achieved_GBps", "weights_fit_in_cache", "same_token_rows",
+    # serving under an SLO: depends on the machine's absolute speed
+    "goodput", "slo_met_pct",
     # the fault registry (a fault no longer caught fails its test: the outcome is gated) and the mutation tally
     "caught", "failed", "passed", "mutants", "population", "killed", "survived", "timeout", "no_tests",
 }

@@ -201,7 +201,7 @@ def worst_cell(figures: dict) -> str:
     if not ran(figures):
         return f"{NA} (no check ran)"
     if not is_missing(figures["worst_ratio"]):
-        return f"error ratio {format_ratio(figures['worst_ratio'])} (limit 2)"
+        return f"error ratio {format_ratio(figures['worst_ratio'])} (limit {figures['ratio_limit']:g})"
     if not is_missing(figures["max_error"]):
         return f"max abs error {format_error(figures['max_error'])}"
     if not is_missing(figures["min_pvalue"]):
