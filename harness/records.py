@@ -196,6 +196,8 @@ def parse_record(data: object) -> Record:
         raise ValueError(f"outcome {data['outcome']!r} is not one of {', '.join(OUTCOMES)}")
     fields = dict(data)
     fields["metrics"] = {str(k): _number(v) for k, v in data.get("metrics", {}).items()}
+    # a non-finite parameter (a request rate of inf: all at once) was written as a string too
+    fields["params"] = {k: NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in data["params"].items()}
     samples = data.get("samples", {})
     if not all(isinstance(v, list) for v in samples.values()):
         raise ValueError("samples must map names to lists of numbers")

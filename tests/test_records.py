@@ -4,7 +4,7 @@ import json
 import math
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -104,7 +104,8 @@ def test_a_bad_line_is_named_by_file_and_line_and_only_it_is_skipped(tmp_path, b
 
 def test_non_finite_figures_are_strict_json_and_read_back(tmp_path):
     writer = RunWriter(tmp_path, "run", {"machine": {}})
-    writer.append(record("t", ratio=math.inf, error=math.nan, low=-math.inf))
+    # a parameter too: a request rate of inf (all at once)
+    writer.append(replace(record("t", ratio=math.inf, error=math.nan, low=-math.inf), params={"rate": math.inf}))
     writer.close()
 
     def refuse(constant):
@@ -114,6 +115,7 @@ def test_non_finite_figures_are_strict_json_and_read_back(tmp_path):
         json.loads(line, parse_constant=refuse)
     [back] = load_all(tmp_path)
     assert back.metrics["ratio"] == math.inf and math.isnan(back.metrics["error"]) and back.metrics["low"] == -math.inf
+    assert back.params == {"rate": math.inf}
 
 
 def test_published_files_are_readable_by_everyone(tmp_path):
@@ -144,3 +146,4 @@ def test_two_machines_runs_merge_into_one_report_with_a_column_each(tmp_path):
     assert harness_main(["report", "--results-dir", str(tmp_path / "results")]) == 0
     readme = (tmp_path / "results" / "README.md").read_text()
     assert "what it buys (box-a x2)" in readme and "what it buys (box-b x8)" in readme
+
