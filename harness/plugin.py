@@ -127,9 +127,9 @@ def open_run(config: pytest.Config, options: dict[str, object]) -> RunWriter:
     if given is not None and not given.strip():
         raise ValueError("--results-dir is empty: name a directory")
     scratch = os.environ.get(RESULTS_DIR_ENV) or config.rootpath / SCRATCH_RESULTS_DIR
+    results_dir = Path(given) if given is not None else Path(scratch)
     # absolute: the run file is opened at the first record, and a test may have changed directory by then (pytester)
-    results_dir = (Path(given) if given is not None else Path(scratch)).absolute()
-    records_dir = results_dir / "records"
+    records_dir = results_dir.absolute() / "records"
     try:
         check_writable_dir(records_dir)
     except OSError as error:
