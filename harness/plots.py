@@ -50,3 +50,20 @@ def growth_exponent(n, values) -> float:
                                  sigma=np.maximum(np.abs(y), 1e-12), max_nfev=10_000,
                                  bounds=([-np.inf, 0.0, 0.0], [np.inf, np.inf, 3.0]))
     return float(c)
+
+
+
+@contextmanager
+def ratio_bars(path: Path, labels: list[str], ratios: dict[str, list[float]], xlabel: str, title: str):
+    """Grouped horizontal bars, one group per label and one bar per series, with a line at 1 (the baseline);
+    yields the axes (a caller may set a log scale), saved to `path` on leaving."""
+    height = 0.8 / max(len(ratios), 1)
+    with figure(path, figsize=(7.0, 0.45 * len(labels) + 1.5)) as (_, ax):
+        for index, (series, values) in enumerate(ratios.items()):
+            ax.barh([i + index * height for i in range(len(labels))], values, height=height, label=series)
+        ax.set_yticks([i + 0.4 - height / 2 for i in range(len(labels))], labels, fontsize=8)
+        ax.axvline(1.0, color="grey", linewidth=0.8)
+        ax.set_xlabel(xlabel)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+        yield ax

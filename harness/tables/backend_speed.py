@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.ticker import NullFormatter
 
-from harness.plots import figure
+from harness.plots import ratio_bars
 from harness.report import Table, table
 
 FUNCTION = "test_tokens_per_second"
@@ -16,22 +16,14 @@ FUNCTION = "test_tokens_per_second"
 
 def _plot(ratios: pd.DataFrame, title: str, path: Path) -> None:
     labels = [f"{b} {q}" for b, q in zip(ratios["backend"], ratios["strategy"])]
-    columns = [c for c in ratios.columns if c not in ("backend", "strategy")]
-    height = 0.8 / len(columns)
-    with figure(path, figsize=(7.0, 0.45 * len(labels) + 1.5)) as (_, ax):
-        for index, column in enumerate(columns):
-            ax.barh([i + index * height for i in range(len(labels))], ratios[column], height=height, label=column)
-        ax.set_yticks([i + 0.4 - height / 2 for i in range(len(labels))], labels, fontsize=8)
-        ax.axvline(1.0, color="grey", linewidth=0.8)
+    series = {c: ratios[c] for c in ratios.columns if c not in ("backend", "strategy")}
+    with ratio_bars(path, labels, series, "tokens/s relative to torch fp32 (log scale)", title) as ax:
         ax.set_xscale("log")
         # ratios read as 0.5x, 1x, 2x: labelled powers of two, no crowded minor labels
-        low, high = ratios[columns].min().min(), ratios[columns].max().max()
-        ticks = [2.0 ** e for e in range(math.floor(math.log2(low)), math.ceil(math.log2(high)) + 1)]
+        values = pd.concat(list(series.values()))
+        ticks = [2.0 ** e for e in range(math.floor(math.log2(values.min())), math.ceil(math.log2(values.max())) + 1)]
         ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("tokens/s relative to torch fp32 (log scale)")
-        ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7)
 
 
 @table("backend_speed")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.plots import figure
+from harness.plots import ratio_bars
 from harness.report import Table, table
 
 SPEED = "test_engine_tokens_per_second"
@@ -17,16 +17,9 @@ ROW = ["backend", "strategy", "threads"]
 
 def _plot(ratios: pd.DataFrame, title: str, path: Path) -> None:
     labels = [f"{b} {s} t{t}" for b, s, t in zip(ratios["backend"], ratios["strategy"], ratios["threads"])]
-    columns = [c for c in ratios.columns if c.startswith("decode")]
-    height = 0.8 / max(len(columns), 1)
-    with figure(path, figsize=(7.0, 0.45 * len(labels) + 1.5)) as (_, ax):
-        for index, column in enumerate(columns):
-            ax.barh([i + index * height for i in range(len(labels))], ratios[column], height=height, label=column)
-        ax.set_yticks([i + 0.4 - height / 2 for i in range(len(labels))], labels, fontsize=8)
-        ax.axvline(1.0, color="grey", linewidth=0.8)
-        ax.set_xlabel("decode tokens/s relative to torch fp32 (same test, same threads)")
-        ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7)
+    series = {c: ratios[c] for c in ratios.columns if c.startswith("decode")}
+    with ratio_bars(path, labels, series, "decode tokens/s relative to torch fp32 (same test, same threads)", title):
+        pass
 
 
 @table("engines")
