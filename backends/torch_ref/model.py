@@ -77,11 +77,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def rope_cos_sin(config: ModelConfig, positions: torch.Tensor,
-                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (B, 1, T, rotary_dim) for integer positions (B, T), in `dtype`."""
+def rope_cos_sin(config: ModelConfig, positions: torch.Tensor, dtype: torch.dtype = torch.float32,
+                 angle_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (B, 1, T, rotary_dim) for integer positions (B, T), in `dtype`; the angles (position x
+    inverse frequency) and their cos/sin computed in `angle_dtype` (float64 here; fp32 in most engines)."""
     inv_freq, magnitude = rope_frequencies(config, int(positions.max()) + 1)
-    angles = positions.to(torch.float64)[..., None] * inv_freq  # (B, T, rotary_dim/2)
+    angles = positions.to(angle_dtype)[..., None] * inv_freq.to(angle_dtype)  # (B, T, rotary_dim/2)
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, rotary_dim): Llama's half-split layout
     return (angles.cos() * magnitude).to(dtype), (angles.sin() * magnitude).to(dtype)
 
@@ -91,8 +92,9 @@ class RopeTable:
     same fp64 angles, rounded once), so a decode step only gathers. Dynamic NTK and LongRoPE pick their frequencies
     by the call's furthest position, so they are computed per call."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, angle_dtype: torch.dtype = torch.float64):
         self.config = config
+        self.angle_dtype = angle_dtype
         scaling = config.rope_scaling
         self.per_call = scaling is not None and scaling.kind in ("dynamic-ntk", "longrope")
         self.tables: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -100,13 +102,14 @@ class RopeTable:
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         lowest, highest = (int(p) for p in positions.aminmax())
         if self.per_call or lowest < 0:  # a negative position (padding a caller left unmasked) has no table row
-            return rope_cos_sin(self.config, positions, dtype)
+            return rope_cos_sin(self.config, positions, dtype, self.angle_dtype)
         cos, sin = self.tables.get((dtype, positions.device), (None, None))
         needed = highest + 1
         if cos is None or cos.shape[0] < needed:
             rows = max(needed, self.config.max_position_embeddings, 2 * (0 if cos is None else cos.shape[0]))
             with torch.inference_mode(False):  # a plain tensor, usable by autograd (training) as well
-                cos, sin = rope_cos_sin(self.config, torch.arange(rows, device=positions.device)[None], dtype)
+                cos, sin = rope_cos_sin(self.config, torch.arange(rows, device=positions.device)[None], dtype,
+                                        self.angle_dtype)
             cos, sin = cos[0, 0], sin[0, 0]  # (rows, rotary_dim)
             self.tables[(dtype, positions.device)] = cos, sin
         return cos[positions][:, None], sin[positions][:, None]  # (B, 1, T, rotary_dim)
@@ -586,7 +589,12 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.rope_tables = {local: RopeTable(config.local_rope() if local else config) for local in (False, True)}
+        self.compute_rope_angles_in(torch.float64)
+
+    def compute_rope_angles_in(self, angle_dtype: torch.dtype) -> None:
+        """Rotary angles in float64 by default; the harness's fp32/bf16/fp16 yardsticks take fp32, as engines do."""
+        self.rope_tables = {local: RopeTable(self.config.local_rope() if local else self.config, angle_dtype)
+                            for local in (False, True)}
 
     def forward(self, tokens: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """(B, T) tokens -> (B, T, V) logits, in the model's dtype."""
