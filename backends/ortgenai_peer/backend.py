@@ -28,10 +28,10 @@ from backends.checkpoint import Checkpoint, hf_architecture, to_hf_config
 from backends.registry import register
 from backends.strategies import Attention, Batching, Quant, Strategy
 
-BUILDER_PRECISIONS = {  # our strategy -> the model builder's precision and extra options (the same format)
-    Quant.FP32: ("fp32", []),
-    Quant.INT4_BLOCK32: ("int4", ["int4_block_size=32", "int4_accuracy_level=4"]),
-    Quant.INT4_BLOCK128: ("int4", ["int4_block_size=128", "int4_accuracy_level=4"]),
+BUILDER_PRECISIONS = {  # our strategy -> the model builder's precision and extra options (the same format); the
+    Quant.FP32: ("fp32", []),  # builder ignores its deprecated int4_block_size: it built block 32 for 128
+    Quant.INT4_BLOCK32: ("int4", ["block_size=32", "accuracy_level=4"]),
+    Quant.INT4_BLOCK128: ("int4", ["block_size=128", "accuracy_level=4"]),
 }
 BUILDER_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")  # RoPE decoders it lays out
 FORCED = -1e9  # the logit of every token but the one a batch > 1 step appends
@@ -72,6 +72,7 @@ def genai_model(checkpoint: Checkpoint, quant: Quant):
             if run.returncode != 0:
                 last = (run.stderr.strip().splitlines() or ["no output"])[-1]
                 raise UnsupportedModel(f"{checkpoint.name}: onnxruntime-genai's model builder failed: {last}")
+            check_block_size(os.path.join(built, "model.onnx"), quant)
             try:
                 os.rename(built, out)
             except OSError:  # another worker built it first
@@ -79,6 +80,18 @@ def genai_model(checkpoint: Checkpoint, quant: Quant):
                     raise
         shutil.rmtree(out.parent / "builder-cache", ignore_errors=True)
     return og.Model(str(out))
+
+
+def check_block_size(model_file: str, quant: Quant) -> None:
+    """The builder skips options it does not know: check that every MatMulNBits has the strategy's block size."""
+    import onnx
+
+    blocks = {attribute.i for node in onnx.load(model_file, load_external_data=False).graph.node
+              if node.op_type == "MatMulNBits" for attribute in node.attribute if attribute.name == "block_size"}
+    expected = {int(option.split("=")[1]) for option in BUILDER_PRECISIONS[quant][1] if option.startswith("block_size=")}
+    if blocks != expected:
+        raise RuntimeError(f"onnxruntime-genai's model builder made MatMulNBits blocks {sorted(blocks)} for "
+                           f"{quant.value}, not {sorted(expected)}")
 
 
 class GenaiCache(KVCache):
