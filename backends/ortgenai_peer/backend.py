@@ -3,7 +3,8 @@
 The model is what genai's own model builder makes of the checkpoint's Hugging Face directory (config.json, the
 safetensors and the tokenizer it insists on), run offline once and kept in the exactbench cache directory, keyed by
 fingerprint and strategy: fp32, or its int4 (symmetric blocks of 32 or 128 along the input dimension, accuracy
-level 4: the MatMulNBits format of our int4-block32/128).
+level 4: the MatMulNBits format of our int4-block32/128). A built-in model is saved as such a directory first, with
+a placeholder tokenizer (one word per token id): the builder only copies it, and token ids go in, logits come out.
 
 A cache is one Generator: genai derives every position from the tokens it holds, so a call's positions must
 continue each row from its length (no explicit positions), every row holds as many tokens as the others and none is
@@ -13,11 +14,13 @@ by generate_next_token from logits set to choose exactly that token, and only a 
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,15 +46,31 @@ def import_genai():
 
 def check_buildable(checkpoint: Checkpoint) -> None:
     """Refuse, in one line, what the model builder cannot read or would build differently from the checkpoint."""
-    if checkpoint.directory is None or not (checkpoint.directory / "tokenizer.json").is_file():
-        raise UnsupportedModel(f"{checkpoint.name}: onnxruntime-genai's model builder needs the model's Hugging Face "
-                               f"directory with its tokenizer (tokenizer.json)")
+    if checkpoint.directory is not None and not (checkpoint.directory / "tokenizer.json").is_file():
+        raise UnsupportedModel(f"{checkpoint.name}: onnxruntime-genai's model builder needs the model's tokenizer "
+                               f"(tokenizer.json) in {checkpoint.directory}")
     config = checkpoint.config
     arch = hf_architecture(to_hf_config(config))
     if arch not in BUILDER_ARCHITECTURES or config.rope_scaling or config.sliding_window or config.rotary_fraction != 1:
         raise UnsupportedModel(f"{checkpoint.name}: built here only for plain-RoPE {', '.join(BUILDER_ARCHITECTURES)} "
                                f"(not {arch}, rope_scaling {config.rope_scaling}, sliding window "
                                f"{config.sliding_window}, rotary fraction {config.rotary_fraction})")
+
+
+def builder_input(checkpoint: Checkpoint) -> Path:
+    """The checkpoint's directory; a built-in model is saved once under the cache, with a placeholder tokenizer."""
+    if checkpoint.directory is not None:
+        return checkpoint.directory
+    directory = cache_root() / "ortgenai" / f"{checkpoint.name}-{checkpoint.fingerprint()}-hf"
+    if not (directory / "tokenizer_config.json").is_file():
+        from tokenizers import Tokenizer
+        from tokenizers.models import WordLevel
+
+        checkpoint.save(directory)
+        words = {f"<{i}>": i for i in range(checkpoint.config.vocab_size)}
+        Tokenizer(WordLevel(words, unk_token="<0>")).save(str(directory / "tokenizer.json"))
+        (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    return directory
 
 
 def genai_model(checkpoint: Checkpoint, quant: Quant):
@@ -65,7 +84,7 @@ def genai_model(checkpoint: Checkpoint, quant: Quant):
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as scratch:  # renamed into place whole: workers share it
             built = os.path.join(scratch, "model")
-            command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint.directory),
+            command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(builder_input(checkpoint)),
                        "-o", built, "-p", precision, "-e", "cpu", "-c", os.path.join(scratch, "builder-cache")]
             run = subprocess.run(command + (["--extra_options", *extra] if extra else []), capture_output=True,
                                  text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
