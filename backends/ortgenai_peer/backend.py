@@ -3,8 +3,9 @@
 The model is what genai's own model builder makes of the checkpoint's Hugging Face directory (config.json, the
 safetensors and the tokenizer it insists on), run offline once and kept in the exactbench cache directory, keyed by
 fingerprint and strategy: fp32, or its int4 (symmetric blocks of 32 or 128 along the input dimension, accuracy
-level 4: the MatMulNBits format of our int4-block32/128). A built-in model is saved as such a directory first, with
-a placeholder tokenizer (one word per token id): the builder only copies it, and token ids go in, logits come out.
+level 4: the MatMulNBits format of our int4-block32/128). A checkpoint without a tokenizer (a built-in model, saved
+first, or a directory without tokenizer.json, its config and weights linked) gets a placeholder tokenizer, one word
+per token id: the builder only copies it, and token ids go in, logits come out.
 
 A cache is one Generator: genai derives every position from the tokens it holds, so a call's positions must
 continue each row from its length (no explicit positions), every row holds as many tokens as the others and none is
@@ -46,27 +47,30 @@ def import_genai():
 
 def check_buildable(checkpoint: Checkpoint) -> None:
     """Refuse, in one line, what the model builder cannot read or would build differently from the checkpoint."""
-    if checkpoint.directory is not None and not (checkpoint.directory / "tokenizer.json").is_file():
-        raise UnsupportedModel(f"{checkpoint.name}: onnxruntime-genai's model builder needs the model's tokenizer "
-                               f"(tokenizer.json) in {checkpoint.directory}")
     config = checkpoint.config
     arch = hf_architecture(to_hf_config(config))
     if arch not in BUILDER_ARCHITECTURES or config.rope_scaling or config.sliding_window or config.rotary_fraction != 1:
         raise UnsupportedModel(f"{checkpoint.name}: built here only for plain-RoPE {', '.join(BUILDER_ARCHITECTURES)} "
-                               f"(not {arch}, rope_scaling {config.rope_scaling}, sliding window "
+                               f"(not {arch}, rope scaling {config.rope_scaling and config.rope_scaling.kind}, sliding window "
                                f"{config.sliding_window}, rotary fraction {config.rotary_fraction})")
 
 
 def builder_input(checkpoint: Checkpoint) -> Path:
-    """The checkpoint's directory; a built-in model is saved once under the cache, with a placeholder tokenizer."""
-    if checkpoint.directory is not None:
+    """The checkpoint's directory if it holds a tokenizer; else one under the cache with a placeholder tokenizer."""
+    if checkpoint.directory is not None and (checkpoint.directory / "tokenizer.json").is_file():
         return checkpoint.directory
     directory = cache_root() / "ortgenai" / f"{checkpoint.name}-{checkpoint.fingerprint()}-hf"
+    if checkpoint.directory is None:
+        checkpoint.save(directory)
+    else:  # linked afresh before each build: the directory may have moved since (a test's temporary directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for file in [checkpoint.directory / "config.json", *checkpoint.directory.glob("*.safetensors*")]:
+            (directory / file.name).unlink(missing_ok=True)
+            (directory / file.name).symlink_to(file.resolve())
     if not (directory / "tokenizer_config.json").is_file():
         from tokenizers import Tokenizer
         from tokenizers.models import WordLevel
 
-        checkpoint.save(directory)
         words = {f"<{i}>": i for i in range(checkpoint.config.vocab_size)}
         Tokenizer(WordLevel(words, unk_token="<0>")).save(str(directory / "tokenizer.json"))
         (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
@@ -98,7 +102,12 @@ def genai_model(checkpoint: Checkpoint, quant: Quant):
                 if not (out / "genai_config.json").is_file():
                     raise
         shutil.rmtree(out.parent / "builder-cache", ignore_errors=True)
-    return og.Model(str(out))
+    try:
+        model = og.Model(str(out))
+        og.Generator(model, og.GeneratorParams(model))  # genai checks its config here (e.g. the eos id in the vocabulary)
+    except RuntimeError as error:
+        raise UnsupportedModel(f"{checkpoint.name}: onnxruntime-genai refuses the built model: {error}") from None
+    return model
 
 
 def check_block_size(model_file: str, quant: Quant) -> None:
