@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,8 +31,8 @@ from backends.checkpoint import Checkpoint, hf_architecture, to_hf_config
 from backends.registry import register
 from backends.strategies import Attention, Batching, Quant, Strategy
 
-BUILDER_PRECISIONS = {  # our strategy -> the model builder's precision and extra options (the same format); the
-    Quant.FP32: ("fp32", []),  # builder ignores its deprecated int4_block_size: it built block 32 for 128
+BUILDER_PRECISIONS = {  # our strategy -> the model builder's precision and extra options (the same format; its
+    Quant.FP32: ("fp32", []),  # deprecated int4_block_size was ignored: block 32 built for 128, so check_block_size)
     Quant.INT4_BLOCK32: ("int4", ["block_size=32", "accuracy_level=4"]),
     Quant.INT4_BLOCK128: ("int4", ["block_size=128", "accuracy_level=4"]),
 }
@@ -101,7 +100,6 @@ def genai_model(checkpoint: Checkpoint, quant: Quant):
             except OSError:  # another worker built it first
                 if not (out / "genai_config.json").is_file():
                     raise
-        shutil.rmtree(out.parent / "builder-cache", ignore_errors=True)
     try:
         model = og.Model(str(out))
         og.Generator(model, og.GeneratorParams(model))  # genai checks its config here (e.g. the eos id in the vocabulary)
