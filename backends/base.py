@@ -9,7 +9,9 @@ Cache semantics (every backend): a cache holds `capacity` slots per row. `forwar
 new tokens of row b at slots `lengths[b] .. lengths[b] + T - 1`, applies the positions given
 (not the slot numbers), and a query at slot s attends to the valid slots <= s of its own row.
 `truncate` rolls rows back (speculative rejection), `reset` empties rows for reuse by another sequence.
-Writing past `capacity` raises CacheFullError.
+Writing past `capacity` raises CacheFullError. An engine that derives positions and padding from the tokens it holds
+declares neither `explicit-positions` nor `padding-mask` and refuses, in one line naming the capability, positions
+that do not continue each row from its length or a mask with padding.
 
 Serving (backends/serving/) needs two more abilities, each a declared capability with its own small ABC:
 

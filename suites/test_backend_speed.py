@@ -12,7 +12,8 @@ import time
 import pytest
 import torch
 
-from backends.base import ModelRunner
+from backends.base import ModelRunner, UnsupportedModel
+from backends.ortgenai_peer.backend import BUILDER_PRECISIONS, genai_model
 from backends.registry import get_backend
 from backends.strategies import Quant, Strategy
 
@@ -64,33 +65,7 @@ def test_tokens_per_second(backend, load_runner, checkpoint, quant, phase, batch
 
 
 # --- onnxrt against onnxruntime-genai, ONNX Runtime's own LLM engine (issue 14) ------------------------------
-GENAI_PRECISIONS = {  # our strategy -> the model builder's precision and extra options (same format: symmetric
-    Quant.FP32: ("fp32", []),  # 4-bit blocks along the input dimension, accuracy level 4)
-    Quant.INT4_BLOCK32: ("int4", ["int4_block_size=32", "int4_accuracy_level=4"]),
-    Quant.INT4_BLOCK128: ("int4", ["int4_block_size=128", "int4_accuracy_level=4"]),
-}
 GENAI_PROMPT_TOKENS, GENAI_NEW_TOKENS = 64, 128
-_GENAI_MODELS: dict[tuple[str, Quant], object] = {}
-
-
-def genai_model(checkpoint, quant: Quant, root):
-    """onnxruntime-genai's model of `checkpoint`, built once per session by its model builder, offline from the
-    checkpoint's own directory (the builder reads config.json, the safetensors and the tokenizer)."""
-    import subprocess
-    import sys
-
-    import onnxruntime_genai as og
-
-    key = (checkpoint.fingerprint(), quant)
-    if key not in _GENAI_MODELS:
-        precision, extra = GENAI_PRECISIONS[quant]
-        out = root / f"{checkpoint.fingerprint()}-{quant.value}"
-        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint.directory),
-                   "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(root / "builder-cache")]
-        subprocess.run(command + (["--extra_options", *extra] if extra else []), check=True, capture_output=True,
-                       timeout=600)
-        _GENAI_MODELS[key] = og.Model(str(out))
-    return _GENAI_MODELS[key]
 
 
 def decode_ours(runner: ModelRunner, prompt: torch.Tensor) -> tuple[float, list[list[int]]]:
@@ -126,20 +101,19 @@ def decode_genai(model, prompt: torch.Tensor) -> tuple[float, list[list[int]]]:
 
 @pytest.mark.bench
 @pytest.mark.parametrize("batch", [1, 8])
-def test_onnxrt_beside_onnxruntime_genai(backend, load_runner, checkpoint, quant, batch, tmp_path_factory,
-                                          benchmark, record):
+def test_onnxrt_beside_onnxruntime_genai(backend, load_runner, checkpoint, quant, batch, benchmark, record):
     """Decode tokens/s of the onnxrt backend beside onnxruntime-genai's on the same weights and format, interleaved
     round by round; both sessions at ONNX Runtime's default thread count."""
-    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed: pip install onnxruntime-genai")
     if backend.name != "onnxrt":
         pytest.skip(f"backend {backend.name!r}: onnxruntime-genai is compared with the onnxrt backend only")
-    if quant not in GENAI_PRECISIONS:
+    if quant not in BUILDER_PRECISIONS:
         pytest.skip(f"{quant.value}: onnxruntime-genai's builder has no same format; compared: "
-                    f"{', '.join(q.value for q in GENAI_PRECISIONS)}")
-    if checkpoint.directory is None or not (checkpoint.directory / "tokenizer.json").is_file():
-        pytest.skip(f"{checkpoint.name}: onnxruntime-genai's model builder needs the model's directory with a tokenizer")
+                    f"{', '.join(q.value for q in BUILDER_PRECISIONS)}")
     runner = load_runner(checkpoint, Strategy(quant))
-    model = genai_model(checkpoint, quant, tmp_path_factory.getbasetemp() / "onnxruntime-genai")
+    try:
+        model = genai_model(checkpoint, quant)  # the ortgenai backend's model (backends/ortgenai_peer)
+    except UnsupportedModel as error:
+        pytest.skip(f"onnxruntime-genai: {error}")
     prompt = torch.randint(1, checkpoint.config.vocab_size, (batch, GENAI_PROMPT_TOKENS),
                            generator=torch.Generator().manual_seed(5))
     ours_s, genai_s, tokens = [], [], {}

@@ -4,7 +4,8 @@ Every check runs on the --model checkpoint; the fp32 logits check also runs on t
 (every position encoding x MHA/GQA/MQA, marker `config_matrix`). Each is judged by the oracle rule
 (harness/oracles.py) against the harness's own fp64 reference model, through the same calls (a left-padded
 batch of odd lengths prefilled into an empty cache, a chunk, single tokens at explicit positions near the end of
-the model's range):
+the model's range; a backend without padding masks or explicit positions, such as onnxruntime-genai, takes each
+prompt alone from position 0, and greedy prompts of one length):
 - fp32: the backend's error at most 2x the reference backend's own fp32 error; greedy decoding over 64 tokens
   gives identical tokens;
 - a lossy strategy: at most 2x the error of the harness's reference model in the same precision (bf16, fp16), or
@@ -76,8 +77,18 @@ def real_logits(calls: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([calls[0][mask], *(call.flatten(0, 1) for call in calls[1:])])
 
 
-def teacher_forced(runner, tokens, positions, mask) -> torch.Tensor:
-    return real_logits(prefill_chunk_decode(runner, tokens, positions, mask), mask)
+def input_batches(backend, config, record) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The prompts as (tokens, positions, mask) batches the backend can take: one left-padded batch far from zero,
+    or, without a padding mask or explicit positions, each prompt alone from position 0 (recorded)."""
+    alone = bool(backend.missing("padding-mask", "explicit-positions"))
+    record.params(inputs="each prompt alone from position 0" if alone else "left-padded batch far from zero")
+    if alone:
+        return [left_pad([prompt]) for prompt in prompts(config.vocab_size)]
+    return [far_from_zero(left_pad(prompts(config.vocab_size)), config)]
+
+
+def teacher_forced(runner, batches) -> torch.Tensor:
+    return torch.cat([real_logits(prefill_chunk_decode(runner, *inputs), inputs[2]) for inputs in batches])
 
 
 @pytest.mark.exactness
@@ -86,9 +97,8 @@ def test_fp32_logits_match_reference(backend, load_runner, case, record):
     runner = load_runner(case.checkpoint, Strategy(Quant.FP32))
     reference = reference_runner(backend, case.checkpoint)
     record.params(position=case.position, kind=case.kind)
-    inputs = far_from_zero(left_pad(prompts(case.checkpoint.config.vocab_size)), case.checkpoint.config)
-    ours, theirs, exact = (teacher_forced(r, *inputs)
-                           for r in (runner, reference, float64_reference(case.checkpoint)))
+    batches = input_batches(backend, case.checkpoint.config, record)
+    ours, theirs, exact = (teacher_forced(r, batches) for r in (runner, reference, float64_reference(case.checkpoint)))
     result = assert_fp32_by_oracle(ours, theirs, exact, what=f"cross-backend: fp32 logits against {REFERENCE}'s")
     record(**result.metrics())
 
@@ -98,7 +108,9 @@ def test_greedy_decoding_matches_reference(backend, load_runner, model, record):
     """64 greedy fp32 tokens for a left-padded batch: identical tokens, and logits along the path by the oracle."""
     runner = load_runner(model.checkpoint, Strategy(Quant.FP32))
     reference = reference_runner(backend, model.checkpoint)
-    batch = prompts(model.checkpoint.config.vocab_size, (7, 12))
+    lengths = (12, 12) if backend.missing("padding-mask") else (7, 12)  # one length: no padding to mask
+    record.params(prompt_lengths=str(lengths))
+    batch = prompts(model.checkpoint.config.vocab_size, lengths)
     ours, theirs = generate(runner, batch, N_GREEDY), generate(reference, batch, N_GREEDY)
     record(identical_rows=sum(a == b for a, b in zip(ours.tokens, theirs.tokens)))
     assert ours.tokens == theirs.tokens, f"cross-backend: greedy tokens differ from {REFERENCE}'s"
@@ -126,8 +138,8 @@ def test_low_precision_logits_by_the_oracle(backend, load_runner, model, quant, 
     if plain is None:
         pytest.skip(f"the harness computes no reference of quant:{quant.value}")
     record.params(plain_path="simulated" if quant in SIMULATED else "reference model")
-    inputs = far_from_zero(left_pad(prompts(model.checkpoint.config.vocab_size)), model.checkpoint.config)
-    optimized, plain_logits, exact = (teacher_forced(r, *inputs)
+    batches = input_batches(backend, model.checkpoint.config, record)
+    optimized, plain_logits, exact = (teacher_forced(r, batches)
                                       for r in (runner, plain, float64_reference(model.checkpoint)))
     plain_name = "the format simulated in fp64" if quant in SIMULATED else "the harness's reference model in it"
     record(**assert_by_oracle(optimized, plain_logits, exact,

@@ -86,9 +86,10 @@ def test_prefill_into_empty_cache_matches_full(load_runner, attention, case, len
 
 
 @pytest.mark.exactness
-def test_left_padded_batch_matches_unpadded_rows(load_runner, attention, case, record):
+def test_left_padded_batch_matches_unpadded_rows(backend, load_runner, attention, case, record):
     """A batch of 3 prompts of different lengths, left padded and decoded through the cache: each row as close to
     fp64 as that row recomputed alone, unpadded."""
+    require(backend, "padding-mask")
     runner = load_runner(case.checkpoint, Strategy(Quant.FP32, attention))
     prompts = [prompt(n, runner.config.vocab_size, seed=n) for n in (5, 11, 2)]
     batch = generate(runner, prompts, 16)
@@ -173,9 +174,10 @@ def assert_matches_harness_references(runner, tokens, positions, mask, logits, w
 
 
 @pytest.mark.exactness
-def test_positions_with_gaps_far_from_zero(load_runner, attention, case, record):
+def test_positions_with_gaps_far_from_zero(backend, load_runner, attention, case, record):
     """Positions are the caller's, not slot numbers (backends/base.py): a 12-token prefill at positions from half
     the model's range, with a gap of 14 in the middle, then 4 tokens decoded one at a time with another gap."""
+    require(backend, "explicit-positions")
     runner = load_runner(case.checkpoint, Strategy(Quant.FP32, attention))
     start = runner.config.max_position_embeddings // 2
     steps = [start + 20, start + 21, start + 30, start + 31]
@@ -191,10 +193,11 @@ def test_positions_with_gaps_far_from_zero(load_runner, attention, case, record)
 
 
 @pytest.mark.exactness
-def test_padding_inside_and_after_the_prefill(load_runner, attention, case, record):
+def test_padding_inside_and_after_the_prefill(backend, load_runner, attention, case, record):
     """Two rows: row 0's prefill has a padding token in the middle, and its second decode step is padding while
     row 1 decodes (token_mask False after the prefill): every real token as close to fp64 as the harness's fp32
     reference over the same tokens and mask."""
+    require(backend, "padding-mask")
     runner = load_runner(case.checkpoint, Strategy(Quant.FP32, attention))
     tokens = torch.tensor([prompt(13, runner.config.vocab_size, seed=5), prompt(13, runner.config.vocab_size, seed=6)])
     mask = torch.ones_like(tokens, dtype=torch.bool)

@@ -32,7 +32,7 @@ class OnnxRuntimeBackend(Backend):
             + [f"attention:{Attention.NATIVE.value}"]  # ONNX Runtime runs the exported attention its own way
             + [f"position:{p}" for p in POSITIONS]
             + [f"batching:{b.value}" for b in Batching]  # paged: a gather of pool slots inside the graph
-            + ["kv-cache", "ragged-batch", "cache-rollback", "onnx-export"]
+            + ["kv-cache", "ragged-batch", "explicit-positions", "padding-mask", "cache-rollback", "onnx-export"]
         )
     # Two graphs serve these, chosen per model (store.graph_kind): the fused graph (fused_graph.py: ONNX Runtime's
     # GroupQueryAttention, fused RMSNorms) for RoPE Llama-style models it expresses exactly, every capability above

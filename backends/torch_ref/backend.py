@@ -104,8 +104,8 @@ class TorchBackend(Backend):
             + [f"attention:{a.value}" for a in IMPLEMENTATIONS]
             + [f"position:{p}" for p in ("rope", "alibi", "learned", "sinusoidal")]
             + [f"batching:{b.value}" for b in Batching]
-            + ["kv-cache", "ragged-batch", "cache-rollback", "attention-kernels", "quantized-linears",
-               "quantized-kv"]
+            + ["kv-cache", "ragged-batch", "explicit-positions", "padding-mask", "cache-rollback", "attention-kernels",
+               "quantized-linears", "quantized-kv"]
         )
 
     def attention_kernels(self) -> dict[Attention, AttentionFn]:

@@ -130,7 +130,7 @@ class TransformersBackend(Backend):
     @classmethod
     def capabilities(cls) -> frozenset[str]:
         return frozenset([f"quant:{Quant.FP32.value}", f"attention:{Attention.NATIVE.value}",
-                          "position:rope", "kv-cache"]
+                          "position:rope", "kv-cache", "explicit-positions", "padding-mask"]
                          + [f"batching:{b.value}" for b in (Batching.SEQUENTIAL, Batching.STATIC)])
 
     def load(self, checkpoint: Checkpoint, strategy: Strategy) -> TransformersRunner:

@@ -8,14 +8,17 @@ import pandas as pd
 from harness.report import Table, table
 
 LOGITS = {"backend": "backend", "model": "model", "param.position": "position", "param.kind": "attention kind",
+          "param.inputs": "inputs",
           "metric.optimized_error": "error vs fp64", "metric.plain_error": "reference's own error",
           "metric.ratio": "ratio (limit 2)"}
-GREEDY = {"backend": "backend", "model": "model", "metric.identical_rows": "identical rows",
+GREEDY = {"backend": "backend", "model": "model", "param.prompt_lengths": "prompt lengths",
+          "metric.identical_rows": "identical rows",
           "metric.optimized_error": "error vs fp64", "metric.plain_error": "reference's own error",
           "metric.ratio": "ratio (limit 2)"}
 ERRORS = {"error vs fp64": "error", "reference's own error": "error", "plain path's error": "error",
           "ratio (limit 2)": "ratio"}
 ORACLE = {"backend": "backend", "model": "model", "quant": "strategy", "param.plain_path": "plain path",
+          "param.inputs": "inputs",
           "metric.optimized_error": "error vs fp64", "metric.plain_error": "plain path's error",
           "metric.ratio": "ratio (limit 2)"}
 
@@ -34,7 +37,8 @@ def differences(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
         tables.append(Table("fp32 logits against the fp64 reference, beside the reference backend's own error",
                             logits, formats=ERRORS, notes=[
                                 "A left-padded batch of 3 prompts (5, 11, 2 tokens) prefilled into an empty cache, "
-                                "then a 3-token chunk and 5 single tokens at explicit positions; real tokens only. "
+                                "then a 3-token chunk and 5 single tokens at explicit positions; real tokens only (a "
+                                "backend without padding masks or explicit positions: each prompt alone from 0). "
                                 "The rule: at most 2x the reference's error (floored at one ulp of the largest "
                                 "logit)."]))
     greedy = _rows(frame, "test_greedy_decoding_matches_reference", GREEDY)

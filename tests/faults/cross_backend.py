@@ -42,6 +42,11 @@ class ShiftedPositions(WrappedRunner):
         return self.inner.forward(cache, tokens, positions + shift, token_mask)
 
 
+class ShiftedPositionsUnpadded(ShiftedPositions):
+    """A cache-offset bug in a backend that takes no padding mask or explicit positions (as onnxruntime-genai):
+    judged on each prompt alone from position 0, and greedy prompts of one length."""
+
+
 class IgnoresPadding(WrappedRunner):
     """The padding mask is dropped, so real tokens attend to the left padding."""
 
@@ -66,17 +71,21 @@ class ScrambledLowPrecision(WrappedRunner):
         return logits[..., order]
 
 
-def planted(name: str, runner_cls: type[WrappedRunner]) -> type[OnnxRuntimeBackend]:
+def planted(name: str, runner_cls: type[WrappedRunner], lacks: frozenset[str] = frozenset()) -> type[OnnxRuntimeBackend]:
     def load(self, checkpoint, strategy):
         return runner_cls(OnnxRuntimeBackend.load(self, checkpoint, strategy))
 
-    return type(f"Planted{runner_cls.__name__}", (OnnxRuntimeBackend,), {"name": name, "load": load})
+    def capabilities(cls) -> frozenset[str]:
+        return OnnxRuntimeBackend.capabilities() - lacks
+
+    return type(f"Planted{runner_cls.__name__}", (OnnxRuntimeBackend,),
+                {"name": name, "load": load, "capabilities": classmethod(capabilities)})
 
 
 def onnxrt_fault(name: str, runner_cls: type[WrappedRunner], selection: str, message: str, quants: tuple[str, ...],
-                 failed: int) -> Fault:
+                 failed: int, lacks: frozenset[str] = frozenset()) -> Fault:
     return Fault(name, "cross-backend", runner_cls.__doc__, SUITE, selection, message,
-                 backend=planted(name, runner_cls), base_backend="onnxrt",
+                 backend=planted(name, runner_cls, lacks), base_backend="onnxrt",
                  args=tuple(arg for quant in quants for arg in ("--quant", quant)), outcomes={"failed": failed})
 
 
@@ -86,6 +95,10 @@ FAULTS = [
                  ORACLE_FAILURE.format(test="fp32_logits"), ("fp32",), 3 + 1),
     onnxrt_fault("onnxrt-ignores-padding", IgnoresPadding, FP32_SELECTION,
                  ORACLE_FAILURE.format(test="fp32_logits"), ("fp32",), 3 + 1),
+    # the same checks on the inputs a backend without padding masks or explicit positions takes (ortgenai's)
+    onnxrt_fault("unpadded-shifted-positions", ShiftedPositionsUnpadded, "(fp32_logits and default-target) or greedy",
+                 ORACLE_FAILURE.format(test="fp32_logits"), ("fp32",), 2,
+                 lacks=frozenset({"padding-mask", "explicit-positions"})),
     # error far above torch fp16's (fp16) and above the simulated int8 format's (int8-dynamic)
     onnxrt_fault("onnxrt-scrambled-lowp", ScrambledLowPrecision, "oracle",
                  ORACLE_FAILURE.format(test="low_precision"), ("fp16", "int8-dynamic"), 2),
