@@ -70,25 +70,31 @@ GENAI_PRECISIONS = {  # our strategy -> the model builder's precision and extra 
     Quant.INT4_BLOCK128: ("int4", ["int4_block_size=128", "int4_accuracy_level=4"]),
 }
 GENAI_PROMPT_TOKENS, GENAI_NEW_TOKENS = 64, 128
-_GENAI_MODELS: dict[tuple[str, Quant], object] = {}
+_GENAI_MODELS: dict[tuple[str, Quant, int], object] = {}
 
 
-def genai_model(checkpoint, quant: Quant, root):
+def genai_model(checkpoint, quant: Quant, root, threads: int):
     """onnxruntime-genai's model of `checkpoint`, built once per session by its model builder, offline from the
-    checkpoint's own directory (the builder reads config.json, the safetensors and the tokenizer)."""
+    checkpoint's own directory (the builder reads config.json, the safetensors and the tokenizer), its session
+    at `threads` intra-op threads (written into its genai_config.json)."""
+    import json
     import subprocess
     import sys
 
     import onnxruntime_genai as og
 
-    key = (checkpoint.fingerprint(), quant)
+    key = (checkpoint.fingerprint(), quant, threads)
     if key not in _GENAI_MODELS:
         precision, extra = GENAI_PRECISIONS[quant]
-        out = root / f"{checkpoint.fingerprint()}-{quant.value}"
+        out = root / f"{checkpoint.fingerprint()}-{quant.value}-t{threads}"
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint.directory),
                    "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(root / "builder-cache")]
         subprocess.run(command + (["--extra_options", *extra] if extra else []), check=True, capture_output=True,
                        timeout=600)
+        config_file = out / "genai_config.json"
+        config = json.loads(config_file.read_text())
+        config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+        config_file.write_text(json.dumps(config, indent=4))
         _GENAI_MODELS[key] = og.Model(str(out))
     return _GENAI_MODELS[key]
 
@@ -129,7 +135,7 @@ def decode_genai(model, prompt: torch.Tensor) -> tuple[float, list[list[int]]]:
 def test_onnxrt_beside_onnxruntime_genai(backend, load_runner, checkpoint, quant, batch, tmp_path_factory,
                                           benchmark, record):
     """Decode tokens/s of the onnxrt backend beside onnxruntime-genai's on the same weights and format, interleaved
-    round by round; both sessions at ONNX Runtime's default thread count."""
+    round by round; both sessions at the same intra-op thread count (ours, recorded as `threads`)."""
     pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed: pip install onnxruntime-genai")
     if backend.name != "onnxrt":
         pytest.skip(f"backend {backend.name!r}: onnxruntime-genai is compared with the onnxrt backend only")
@@ -139,7 +145,8 @@ def test_onnxrt_beside_onnxruntime_genai(backend, load_runner, checkpoint, quant
     if checkpoint.directory is None or not (checkpoint.directory / "tokenizer.json").is_file():
         pytest.skip(f"{checkpoint.name}: onnxruntime-genai's model builder needs the model's directory with a tokenizer")
     runner = load_runner(checkpoint, Strategy(quant))
-    model = genai_model(checkpoint, quant, tmp_path_factory.getbasetemp() / "onnxruntime-genai")
+    threads = runner.session.get_session_options().intra_op_num_threads
+    model = genai_model(checkpoint, quant, tmp_path_factory.getbasetemp() / "onnxruntime-genai", threads)
     prompt = torch.randint(1, checkpoint.config.vocab_size, (batch, GENAI_PROMPT_TOKENS),
                            generator=torch.Generator().manual_seed(5))
     ours_s, genai_s, tokens = [], [], {}
@@ -158,7 +165,7 @@ def test_onnxrt_beside_onnxruntime_genai(backend, load_runner, checkpoint, quant
     n_tokens = batch * (GENAI_NEW_TOKENS - 1)
     same_rows = sum(a == b for a, b in zip(tokens["ours"], tokens["genai"]))
     record.params(prompt_tokens=GENAI_PROMPT_TOKENS, decode_tokens=GENAI_NEW_TOKENS - 1, peer="onnxruntime-genai",
-                  implementation=runner.implementation)
+                  implementation=runner.implementation, threads=threads)
     record(tokens_per_s=n_tokens / median(ours_s[warm]), genai_tokens_per_s=n_tokens / median(genai_s[warm]),
            ratio_to_genai=median(genai_s[warm]) / median(ours_s[warm]), same_token_rows=same_rows / batch)
     record.samples(ratio_to_genai=[g / o for o, g in zip(ours_s[warm], genai_s[warm])])
