@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from backends.algorithms.generation import GREEDY, next_tokens
 from backends.base import ModelRunner
 from backends.registry import get_backend
 from backends.strategies import Quant, Strategy
@@ -100,14 +101,17 @@ def genai_model(checkpoint, quant: Quant, root, threads: int):
 
 
 def decode_ours(runner: ModelRunner, prompt: torch.Tensor) -> tuple[float, list[list[int]]]:
-    """Seconds for GENAI_NEW_TOKENS - 1 greedy decode steps after an untimed prefill, and the tokens chosen."""
+    """Seconds for GENAI_NEW_TOKENS - 1 greedy decode steps after an untimed prefill (each token picked as
+    generation.generate picks it), and the tokens chosen."""
     batch = prompt.shape[0]
     cache = runner.new_cache(batch, GENAI_PROMPT_TOKENS + GENAI_NEW_TOKENS)
-    chosen = runner.forward(cache, prompt, torch.arange(GENAI_PROMPT_TOKENS).expand(batch, -1))[:, -1:].argmax(-1)
+    logits = runner.forward(cache, prompt, torch.arange(GENAI_PROMPT_TOKENS).expand(batch, -1))
+    chosen = next_tokens(logits[:, -1], GREEDY, None)[:, None]
     tokens = [chosen]
     start = time.perf_counter()
     for position in range(GENAI_PROMPT_TOKENS, GENAI_PROMPT_TOKENS + GENAI_NEW_TOKENS - 1):
-        chosen = runner.forward(cache, chosen, torch.full((batch, 1), position))[:, -1:].argmax(-1)
+        logits = runner.forward(cache, chosen, torch.full((batch, 1), position))
+        chosen = next_tokens(logits[:, -1], GREEDY, None)[:, None]
         tokens.append(chosen)
     return time.perf_counter() - start, torch.cat(tokens, dim=1).tolist()
 
