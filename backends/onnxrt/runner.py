@@ -280,7 +280,8 @@ class OrtRunner(ModelRunner, PackedStepRunner, PagedRunner):
 
     def _check_vocabulary(self, tokens: torch.Tensor) -> None:
         ids = tokens.numpy()
-        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+        # one reduction, not two: a negative id cast to unsigned is larger than any vocabulary
+        if ids.size and ids.astype(np.uint64).max() >= self.config.vocab_size:
             bad = ids[(ids < 0) | (ids >= self.config.vocab_size)][0]
             raise ValueError(f"token id {int(bad)} is outside the vocabulary: accepted [0, {self.config.vocab_size})")
 
