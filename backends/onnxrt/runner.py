@@ -141,6 +141,8 @@ class OrtKVCache(KVCache):
         self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool)
         self.positions = torch.zeros(batch_size, capacity, dtype=torch.long)
         self._lengths = torch.zeros(batch_size, dtype=torch.long)
+        # the same memory as numpy arrays, for the runner's per-step bookkeeping (OrtRunner._run)
+        self.valid_array, self.positions_array = self.valid.numpy(), self.positions.numpy()
         self.bindings: dict = {}  # session -> (its binding of these buffers, its other inputs): run_in_place
 
     @property
@@ -292,7 +294,7 @@ class OrtRunner(ModelRunner, PackedStepRunner, PagedRunner):
         microsecond or two where torch's costs several, and at batch 1 a decode step's Python time was a tenth of
         onnxruntime-genai's whole step (int4)."""
         n_rows, n_new = tokens.shape
-        valid, held, start = cache.valid.numpy(), cache.positions.numpy(), cache.lengths.numpy()
+        valid, held, start = cache.valid_array, cache.positions_array, cache.lengths.numpy()
         lengths = start + n_new
         seen = int(lengths.max()) if n_rows else 0
         if seen > cache.capacity:
