@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from backends.algorithms.generation import GREEDY, next_tokens
 from backends.base import ModelRunner, UnsupportedModel
 from backends.ortgenai_peer.backend import BUILDER_PRECISIONS, genai_model
 from backends.registry import get_backend
@@ -69,14 +70,17 @@ GENAI_PROMPT_TOKENS, GENAI_NEW_TOKENS = 64, 128
 
 
 def decode_ours(runner: ModelRunner, prompt: torch.Tensor) -> tuple[float, list[list[int]]]:
-    """Seconds for GENAI_NEW_TOKENS - 1 greedy decode steps after an untimed prefill, and the tokens chosen."""
+    """Seconds for GENAI_NEW_TOKENS - 1 greedy decode steps after an untimed prefill (each token picked as
+    generation.generate picks it), and the tokens chosen."""
     batch = prompt.shape[0]
     cache = runner.new_cache(batch, GENAI_PROMPT_TOKENS + GENAI_NEW_TOKENS)
-    chosen = runner.forward(cache, prompt, torch.arange(GENAI_PROMPT_TOKENS).expand(batch, -1))[:, -1:].argmax(-1)
+    logits = runner.forward(cache, prompt, torch.arange(GENAI_PROMPT_TOKENS).expand(batch, -1))
+    chosen = next_tokens(logits[:, -1], GREEDY, None)[:, None]
     tokens = [chosen]
     start = time.perf_counter()
     for position in range(GENAI_PROMPT_TOKENS, GENAI_PROMPT_TOKENS + GENAI_NEW_TOKENS - 1):
-        chosen = runner.forward(cache, chosen, torch.full((batch, 1), position))[:, -1:].argmax(-1)
+        logits = runner.forward(cache, chosen, torch.full((batch, 1), position))
+        chosen = next_tokens(logits[:, -1], GREEDY, None)[:, None]
         tokens.append(chosen)
     return time.perf_counter() - start, torch.cat(tokens, dim=1).tolist()
 
@@ -103,15 +107,16 @@ def decode_genai(model, prompt: torch.Tensor) -> tuple[float, list[list[int]]]:
 @pytest.mark.parametrize("batch", [1, 8])
 def test_onnxrt_beside_onnxruntime_genai(backend, load_runner, checkpoint, quant, batch, benchmark, record):
     """Decode tokens/s of the onnxrt backend beside onnxruntime-genai's on the same weights and format, interleaved
-    round by round; both sessions at ONNX Runtime's default thread count."""
+    round by round; both sessions at the same intra-op thread count (ours, recorded as `threads`)."""
     if backend.name != "onnxrt":
         pytest.skip(f"backend {backend.name!r}: onnxruntime-genai is compared with the onnxrt backend only")
     if quant not in BUILDER_PRECISIONS:
         pytest.skip(f"{quant.value}: onnxruntime-genai's builder has no same format; compared: "
                     f"{', '.join(q.value for q in BUILDER_PRECISIONS)}")
     runner = load_runner(checkpoint, Strategy(quant))
+    threads = runner.session.get_session_options().intra_op_num_threads
     try:
-        model = genai_model(checkpoint, quant)  # the ortgenai backend's model (backends/ortgenai_peer)
+        model = genai_model(checkpoint, quant, threads)  # the ortgenai backend's model (backends/ortgenai_peer)
     except UnsupportedModel as error:
         pytest.skip(f"onnxruntime-genai: {error}")
     prompt = torch.randint(1, checkpoint.config.vocab_size, (batch, GENAI_PROMPT_TOKENS),
@@ -132,7 +137,7 @@ def test_onnxrt_beside_onnxruntime_genai(backend, load_runner, checkpoint, quant
     n_tokens = batch * (GENAI_NEW_TOKENS - 1)
     same_rows = sum(a == b for a, b in zip(tokens["ours"], tokens["genai"]))
     record.params(prompt_tokens=GENAI_PROMPT_TOKENS, decode_tokens=GENAI_NEW_TOKENS - 1, peer="onnxruntime-genai",
-                  implementation=runner.implementation)
+                  implementation=runner.implementation, threads=threads)
     record(tokens_per_s=n_tokens / median(ours_s[warm]), genai_tokens_per_s=n_tokens / median(genai_s[warm]),
            ratio_to_genai=median(genai_s[warm]) / median(ours_s[warm]), same_token_rows=same_rows / batch)
     record.samples(ratio_to_genai=[g / o for o, g in zip(ours_s[warm], genai_s[warm])])

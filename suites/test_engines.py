@@ -5,7 +5,7 @@ For each engine x strategy x batch x thread count: prefill tokens/s (PROMPT_TOKE
 tokens/s (DECODE_TOKENS single-token calls after the prompt), each timed round by round alternately with torch fp32
 in the same test (ratio_to_torch_fp32; the machines are shared and noisy, so only ratios measured side by side are
 quoted). Threads: 1, and every core of the machine; torch.set_num_threads sets torch's and transformers' pools
-(ONNX Runtime sessions use their own default, recorded as `threads` too: see the engines page).
+(ONNX Runtime sessions keep the onnxrt backend's count, onnxruntime-genai's rule: see the engines page).
 
 Decode reads every weight once per step for the whole batch, so its ceiling is batch x read bandwidth / weight
 bytes (the weight-bytes roofline), with this machine's read bandwidth measured once per run (harness/machine.py).

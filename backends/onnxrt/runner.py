@@ -12,6 +12,7 @@ same cache, one session run per continuous-batching step; the paged strategies r
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +39,22 @@ def execution_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+def intra_op_threads() -> int:
+    """onnxruntime-genai's rule for its sessions (src/models/model.cpp): half the hardware threads, 1 to 16. ONNX
+    Runtime's own default (every physical core, spinning) lost half the decode speed on a shared 2-core machine."""
+    return min(16, max(1, (os.cpu_count() or 1) // 2))
+
+
+def session_options() -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads()
+    return options
+
+
 def open_session(path: Path, config: ModelConfig) -> ort.InferenceSession:
     """A session for `path`, checked against the decoder-step contract for `config`."""
     try:
-        session = ort.InferenceSession(str(path), providers=execution_providers())
+        session = ort.InferenceSession(str(path), session_options(), providers=execution_providers())
     except Exception as error:  # onnxruntime's pybind errors (InvalidProtobuf, Fail, NoSuchFile) share no base
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise OnnxModelError(f"{path}: not a loadable ONNX model ({reason})") from None
@@ -84,7 +97,7 @@ def open_variant(checkpoint: Checkpoint, strategy: Strategy, graph: str, inputs:
 
     path = model_file(checkpoint, strategy.quant, graph=graph).path
     try:
-        session = ort.InferenceSession(str(path), providers=execution_providers())
+        session = ort.InferenceSession(str(path), session_options(), providers=execution_providers())
     except Exception as error:  # onnxruntime's pybind errors share no base
         raise OnnxModelError(f"{path}: not a loadable ONNX model ({str(error).strip()[:200]})") from None
     names = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
@@ -109,10 +122,9 @@ def run_in_place(session: ort.InferenceSession, feeds: dict[str, np.ndarray | to
         cache_inputs = {name for name, _, _ in caches}
         bindings[session] = binding, [i.name for i in session.get_inputs() if i.name not in cache_inputs]
     binding, feed_names = bindings[session]
-    arrays = [np.ascontiguousarray(feeds[name].numpy() if isinstance(feeds[name], torch.Tensor) else feeds[name])
-              for name in feed_names]  # held until the run: a binding may point into them
-    for name, array in zip(feed_names, arrays):
-        binding.bind_cpu_input(name, array)
+    for name in feed_names:  # the binding keeps each array (it reads it in place) until the name is bound again
+        feed = feeds[name]
+        binding.bind_cpu_input(name, np.ascontiguousarray(feed.numpy() if isinstance(feed, torch.Tensor) else feed))
     logits = torch.empty(logits_shape)
     binding.bind_output("logits", "cpu", 0, np.float32, list(logits_shape), logits.data_ptr())
     session.run_with_iobinding(binding)
@@ -129,6 +141,8 @@ class OrtKVCache(KVCache):
         self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool)
         self.positions = torch.zeros(batch_size, capacity, dtype=torch.long)
         self._lengths = torch.zeros(batch_size, dtype=torch.long)
+        # the same memory as numpy arrays, for the runner's per-step bookkeeping (OrtRunner._run)
+        self.valid_array, self.positions_array = self.valid.numpy(), self.positions.numpy()
         self.bindings: dict = {}  # session -> (its binding of these buffers, its other inputs): run_in_place
 
     @property
@@ -194,14 +208,14 @@ class OrtRunner(ModelRunner, PackedStepRunner, PagedRunner):
 
     def forward(self, cache, tokens, positions, token_mask=None):
         self._check_cache(cache)
-        mask = torch.ones_like(tokens, dtype=torch.bool) if token_mask is None else token_mask.cpu().bool()
-        if not (tokens.dim() == 2 and tokens.shape[0] == cache.lengths.shape[0]
-                and tokens.shape == positions.shape == mask.shape):
+        mask = None if token_mask is None else token_mask.cpu().bool()  # None: every token is real
+        if not (tokens.dim() == 2 and tokens.shape[0] == cache.valid.shape[0]
+                and tokens.shape == positions.shape == (tokens.shape if mask is None else mask.shape)):
             raise ValueError(f"tokens {tuple(tokens.shape)}, positions {tuple(positions.shape)} and token_mask "
-                             f"{tuple(mask.shape)} must all be (batch={cache.lengths.shape[0]}, T)")
+                             f"{tuple((tokens if mask is None else mask).shape)} must all be "
+                             f"(batch={cache.valid.shape[0]}, T)")
         tokens, positions = tokens.cpu().long(), positions.cpu().long()
         self._check_vocabulary(tokens)
-        cache.check_room(tokens.shape[1])
         return self._run(cache, tokens, positions, mask)
 
     def forward_packed(self, cache, tokens, positions, rows):
@@ -268,24 +282,28 @@ class OrtRunner(ModelRunner, PackedStepRunner, PagedRunner):
 
     def _check_vocabulary(self, tokens: torch.Tensor) -> None:
         ids = tokens.numpy()
-        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+        # one reduction, not two: a negative id cast to unsigned is larger than any vocabulary
+        if ids.size and ids.astype(np.uint64).max() >= self.config.vocab_size:
             bad = ids[(ids < 0) | (ids >= self.config.vocab_size)][0]
             raise ValueError(f"token id {int(bad)} is outside the vocabulary: accepted [0, {self.config.vocab_size})")
 
     def _run(self, cache: OrtKVCache, tokens, positions, mask) -> torch.Tensor:
-        """Run (B, T) tokens on every cache row, whose slots have room; (B, T, V) logits.
+        """Run (B, T) tokens on every cache row (a None mask: every token real); (B, T, V) logits.
 
-        The bookkeeping runs on numpy views of the cache's tensors: on arrays this small numpy's indexing costs a
-        microsecond where torch's costs ten, and a decode step's Python time is a visible part of its time."""
+        The bookkeeping runs on numpy views of the cache's tensors: on arrays this small a numpy call costs a
+        microsecond or two where torch's costs several, and at batch 1 a decode step's Python time was a tenth of
+        onnxruntime-genai's whole step (int4)."""
         n_rows, n_new = tokens.shape
-        valid, held, start = cache.valid.numpy(), cache.positions.numpy(), cache.lengths.numpy()
+        valid, held, start = cache.valid_array, cache.positions_array, cache.lengths.numpy()
+        lengths = start + n_new
+        seen = int(lengths.max()) if n_rows else 0
+        if seen > cache.capacity:
+            cache.check_room(n_new)  # raises CacheFullError, before any slot is written
         # the slots this call fills, as TorchKVCache.begin; the lengths advance only once the run succeeds
         slots = start[:, None] + np.arange(n_new)  # (B, T)
         rows = np.arange(n_rows)[:, None]
-        valid[rows, slots] = mask.numpy()
+        valid[rows, slots] = True if mask is None else mask.numpy()
         held[rows, slots] = positions.numpy()
-        lengths = start + n_new
-        seen = int(lengths.max()) if lengths.size else 0
         feeds = {"input_ids": tokens.numpy(), "position_ids": positions.numpy(), "cache_position": slots,
                  "attention_mask": valid[:, :seen], "key_position_ids": held[:, :seen]}
         try:

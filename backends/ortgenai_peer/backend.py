@@ -76,9 +76,10 @@ def builder_input(checkpoint: Checkpoint) -> Path:
     return directory
 
 
-def genai_model(checkpoint: Checkpoint, quant: Quant):
+def genai_model(checkpoint: Checkpoint, quant: Quant, threads: int | None = None):
     """onnxruntime-genai's Model of `checkpoint` under `quant`, built once by its model builder (offline, from the
-    checkpoint's directory) into the exactbench cache directory."""
+    checkpoint's directory) into the exactbench cache directory; its session at `threads` intra-op threads if given
+    (else genai's own rule: half the hardware threads)."""
     og = import_genai()
     check_buildable(checkpoint)
     out = cache_root() / "ortgenai" / f"{checkpoint.name}-{checkpoint.fingerprint()}-{quant.value}"
@@ -101,7 +102,10 @@ def genai_model(checkpoint: Checkpoint, quant: Quant):
                 if not (out / "genai_config.json").is_file():
                     raise
     try:
-        model = og.Model(str(out))
+        config = og.Config(str(out))
+        if threads is not None:
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        model = og.Model(config)
         og.Generator(model, og.GeneratorParams(model))  # genai checks its config here (e.g. the eos id in the vocabulary)
     except RuntimeError as error:
         raise UnsupportedModel(f"{checkpoint.name}: onnxruntime-genai refuses the built model: {error}") from None

@@ -44,7 +44,8 @@ def engine_tables(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
         notes = [f"Each row's tokens/s over torch fp32's at the same batch and thread count, timed alternately in the "
                  f"same test (median of the timed rounds after a warm-up). Prefill: {prompt} tokens per row in one "
                  f"call; decode: {decode} single-token calls after the prompt; bN = batch of N rows; threads: torch's "
-                 f"and transformers' pools (torch.set_num_threads); ONNX Runtime sessions keep their own default."]
+                 f"and transformers' pools (torch.set_num_threads); ONNX Runtime sessions keep the onnxrt backend's count "
+                 f"(onnxruntime-genai's rule: half the hardware threads, 1 to 16)."]
         missing = "the engine does not declare this strategy, or no record at this phase and batch"
         tables.append(Table(f"Engines relative to torch fp32: {model}", ratios, notes, plot, missing=missing,
                             formats={c: "ratio" for c in order}))
