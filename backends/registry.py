@@ -17,9 +17,11 @@ _BACKENDS: dict[str, type[Backend]] = {}
 
 
 def register(cls: type[Backend]) -> type[Backend]:
-    """Class decorator: add a backend under `cls.name`; a second backend with the same name is refused."""
+    """Class decorator: add a backend under `cls.name`; a second backend with the same name is refused (the same
+    class imported again, e.g. after pytester's in-process runs dropped its module, replaces the first)."""
     existing = _BACKENDS.get(cls.name)
-    if existing is not None and existing is not cls:
+    reimported = existing is not None and (existing.__module__, existing.__qualname__) == (cls.__module__, cls.__qualname__)
+    if existing is not None and existing is not cls and not reimported:
         raise ValueError(f"backend name {cls.name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
     _BACKENDS[cls.name] = cls
     return cls

@@ -9,7 +9,7 @@ from harness.report import Table, table
 
 LOGITS = {"backend": "backend", "model": "model", "param.position": "position", "param.kind": "attention kind",
           "param.inputs": "inputs",
-          "metric.optimized_error": "error vs fp64", "metric.plain_error": "reference's own error",
+          "metric.optimized_error": "error vs fp64", "metric.plain_error": "fp32 reference's error",
           "metric.ratio": "ratio (limit 2)"}
 GREEDY = {"backend": "backend", "model": "model", "param.prompt_lengths": "prompt lengths",
           "metric.identical_rows": "identical rows",
@@ -34,13 +34,13 @@ def differences(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
     tables = []
     logits = _rows(frame, "test_fp32_logits_match_reference", LOGITS)
     if len(logits):
-        tables.append(Table("fp32 logits against the fp64 reference, beside the reference backend's own error",
+        tables.append(Table("fp32 logits against the fp64 reference, beside the harness's fp32 reference model's error",
                             logits, formats=ERRORS, notes=[
                                 "A left-padded batch of 3 prompts (5, 11, 2 tokens) prefilled into an empty cache, "
                                 "then a 3-token chunk and 5 single tokens at explicit positions; real tokens only (a "
                                 "backend without padding masks or explicit positions: each prompt alone from 0). "
-                                "The rule: at most 2x the reference's error (floored at one ulp of the largest "
-                                "logit)."]))
+                                "The rule: at most 2x the fp32 reference's error (floored at one ulp of the largest "
+                                "logit); that model computes its rotary angles in fp32, as engines do."]))
     greedy = _rows(frame, "test_greedy_decoding_matches_reference", GREEDY)
     if len(greedy):
         tables.append(Table("Greedy decoding in fp32, 64 tokens, batch 2, against the reference backend", greedy,
