@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -154,6 +154,15 @@ class SpeculativeStats:
         self.drafted += k
         self.full_rounds += int(n_accepted == k and k > 0)
         self.rejections += int(n_accepted < k)
+
+    @classmethod
+    def total(cls, parts: list[SpeculativeStats]) -> SpeculativeStats:
+        """The counts and times of several runs together (times add, per-round counts concatenate)."""
+        merged = cls()
+        for part in parts:
+            for counter in fields(cls):
+                setattr(merged, counter.name, getattr(merged, counter.name) + getattr(part, counter.name))
+        return merged
 
     @property
     def acceptance_rate(self) -> float:
