@@ -461,7 +461,8 @@ BENCH_CASES = (
        for draft in BENCH_DRAFTS]
     + [pytest.param(draft, MODE_K, BENCH_PROMPTS, GREEDY, id=f"{draft}-k{MODE_K}-batch{BENCH_PROMPTS}")
        for draft in BENCH_DRAFTS])
-NATIVE_CASES = [pytest.param(draft, k, id=f"{draft}-k{k}") for draft in ("trained", "prompt-lookup") for k in (4, 7)]
+# at MODE_K only: transformers' assisted generation is slow to time (its main-job minutes)
+NATIVE_CASES = [pytest.param(draft, MODE_K, id=f"{draft}-k{MODE_K}") for draft in ("trained", "prompt-lookup")]
 
 
 def prompt_candidates(checkpoint: Checkpoint) -> Iterator[list[int]]:
