@@ -25,6 +25,10 @@ Serving (backends/serving/) needs two more abilities, each a declared capability
   block manager above it decides which blocks a sequence holds and how many tokens it has.
 
 Every backend runs `batching:sequential` and `batching:static` with the core methods alone.
+
+A peer engine with its own speculative decoding (transformers' assisted generation) declares
+`speculative:native` and implements `NativeSpeculativeRunner`, so the speculative bench can time it beside
+backends/algorithms/speculative.py on the same prompts and draft.
 """
 from __future__ import annotations
 
@@ -150,6 +154,17 @@ class PackedStepRunner(ABC):
         A row's tokens are appended in the order they appear, at slots lengths[row], lengths[row] + 1, ...;
         rows absent from `rows` are untouched. Returns (N, V) fp32 logits.
         """
+
+
+class NativeSpeculativeRunner(ABC):
+    """Capability `speculative:native`: the engine's own greedy generation, plain or speculative."""
+
+    @abstractmethod
+    def generate_native(self, prompt: list[int], max_new_tokens: int, k: int = 0,
+                        draft: ModelRunner | None = None) -> list[int]:
+        """Exactly max_new_tokens greedy tokens after `prompt` by the engine's own generate loop: plainly (k = 0),
+        with k draft tokens per round from `draft` (a runner of this backend), or, without a draft, by prompt
+        lookup with k tokens per round."""
 
 
 class PagedKVCache(ABC):

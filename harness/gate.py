@@ -59,7 +59,8 @@ DEFAULT_RULES: dict[str, Rule] = {
 }
 INFO_METRICS = {
     "baseline_tokens_per_s", "c", "predicted_speedup", "predicted_with_verify_cost", "verify_cost", "tokens_per_s",
-    "target_tokens_per_s", "rounds", "ppl_err", "same_top1_err", "parameters", "scored_tokens", "heldout_tokens",
+    "target_tokens_per_s", "acceptance_median", "acceptance_min", "acceptance_max", "measured_over_predicted",
+    "looping_outputs", "rounds", "ppl_err", "same_top1_err", "parameters", "scored_tokens", "heldout_tokens",
     "draws", "proposals_checked", "identical_rows", "first_mismatch", "element_bytes", "kv_bytes_per_token",
     "min_pvalue", "pvalue_plain", "pvalue_speculative", "ratio", "error_ratio", "optimized_error", "plain_error",
     "cached_error", "recompute_error", "max_abs_logit_error", "prefill_max_abs_error", "decode_max_abs_error",

@@ -152,3 +152,20 @@ def base_logprobs(path: Path, windows: torch.Tensor, compute) -> torch.Tensor:
         np.savez_compressed(handle, windows=windows.numpy(), logprobs=logprobs.numpy())
     os.replace(handle.name, path)
     return logprobs
+
+
+LOOP_MAX_PERIOD = 16  # tokens in the repeated block
+LOOP_SHARE = 0.5  # of the output
+
+
+def repetition_loop(tokens: list[int], max_period: int = LOOP_MAX_PERIOD, share: float = LOOP_SHARE) -> bool:
+    """A generated output that loops: a block of at most `max_period` tokens repeated back to back over at least
+    `share` of the output (tokens[i] == tokens[i - p] for every i of a stretch that, with its first block, covers
+    that share). Such output inflates every draft's acceptance, prompt lookup's most."""
+    for period in range(1, max_period + 1):
+        run = 0
+        for i in range(period, len(tokens)):
+            run = run + 1 if tokens[i] == tokens[i - period] else 0
+            if run + period >= share * len(tokens):
+                return True
+    return False

@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import itertools
+import statistics
 import time
+from collections.abc import Callable, Iterator
 from functools import cache
 
 import pytest
@@ -20,16 +22,19 @@ import torch
 
 from backends.base import ModelRunner, UnsupportedModel
 from backends.checkpoint import Checkpoint, ModelConfig
-from backends.algorithms.generation import Generation, Sampling, generate
+from backends.algorithms.generation import GREEDY, Generation, Sampling, generate
 from backends.registry import get_backend
 from backends.algorithms.rejection_sampler import draw, one_hot, residual, verify
-from backends.algorithms.speculative import Drafter, ModelDraft, PromptLookupDraft, SpeculativeDecoder
+from backends.algorithms.speculative import (Drafter, ModelDraft, PromptLookupDraft, SpeculativeDecoder,
+                                            SpeculativeStats)
 from backends.strategies import Quant, Strategy
 from harness.models import parametrize_models, random_checkpoint, resolve_model
 from harness.oracles import assert_distribution, assert_greedy_agrees
 from harness.plugin import require
+from harness.quality import repetition_loop
 
 ROLLBACK = "cache-rollback"  # speculative decoding rolls each row back to its own accepted length
+NATIVE = "speculative:native"  # an engine's own speculative decoding (backends/base.NativeSpeculativeRunner)
 K_VALUES = [pytest.param(k, id=f"k{k}") for k in range(1, 9)]
 GREEDY_TOKENS = 64
 ALPHA = 1e-4  # significance of every chi-square test
@@ -444,84 +449,161 @@ def test_sampling_matches_target_distribution(backend, load_runner, record, draf
 # --- bench: speedup over the target alone, beside the theory -------------------------------------
 
 BENCH_DRAFTS = ["trained", "self-quantized", "prompt-lookup"]
-BENCH_PROMPT_TOKENS, BENCH_TOKENS = 64, 128  # a short prompt: prefill (in both timings) stays a few percent
-BENCH_ROUNDS = 5
+BENCH_K_VALUES = (1, 2, 3, 4, 5, 7)
+BENCH_PROMPTS, BENCH_PROMPT_TOKENS, BENCH_TOKENS = 4, 64, 64  # short prompts: prefill (in both timings) stays small
+BENCH_ROUNDS = 3  # timed rounds of every prompt, after one warm-up round
+HELDOUT_MIN_CHARS = 4000  # a held-out document long enough that its middle is code or prose, not a header
+BENCH_SAMPLING = Sampling(temperature=0.7)
+MODE_K = 4  # sampling, and batch 4 (the BENCH_PROMPTS prompts in one batch), beside greedy batch 1 at this k
+BENCH_CASES = (
+    [pytest.param(draft, k, 1, GREEDY, id=f"{draft}-k{k}") for draft in BENCH_DRAFTS for k in BENCH_K_VALUES]
+    + [pytest.param(draft, MODE_K, 1, BENCH_SAMPLING, id=f"{draft}-k{MODE_K}-t{BENCH_SAMPLING.temperature}")
+       for draft in BENCH_DRAFTS]
+    + [pytest.param(draft, MODE_K, BENCH_PROMPTS, GREEDY, id=f"{draft}-k{MODE_K}-batch{BENCH_PROMPTS}")
+       for draft in BENCH_DRAFTS])
+# at MODE_K only: transformers' assisted generation is slow to time (its main-job minutes)
+NATIVE_CASES = [pytest.param(draft, MODE_K, id=f"{draft}-k{MODE_K}") for draft in ("trained", "prompt-lookup")]
 
 
-@cache
-def heldout_code_text() -> str:
-    """The first held-out standard-library module long enough for a prompt: text the embedded models never saw."""
-    from harness import corpus
-
-    _, heldout = corpus.split(corpus.documents())
-    return next(doc.text for doc in heldout if doc.name.endswith(".py") and len(doc.text) >= 20 * BENCH_PROMPT_TOKENS)
-
-
-def bench_prompt(checkpoint: Checkpoint) -> list[int]:
-    """Held-out text in the model's own tokenizer when it has one; seeded random tokens otherwise."""
+def prompt_candidates(checkpoint: Checkpoint) -> Iterator[list[int]]:
+    """BENCH_PROMPT_TOKENS tokens from the middle of each held-out document (text the embedded models never saw),
+    in corpus order and the model's own tokenizer; character tables (encodings/) are left out, as they repeat by
+    construction. Seeded random tokens for a model without a tokenizer."""
     if checkpoint.directory is not None and (checkpoint.directory / "tokenizer.json").exists():
+        from harness import corpus
         from harness.training import load_tokenizer
 
-        ids = load_tokenizer(checkpoint.directory).encode(heldout_code_text()).ids
-        return ids[:BENCH_PROMPT_TOKENS]
-    generator = torch.Generator().manual_seed(11)
-    return torch.randint(1, checkpoint.config.vocab_size, (BENCH_PROMPT_TOKENS,), generator=generator).tolist()
+        tokenizer = load_tokenizer(checkpoint.directory)
+        _, heldout = corpus.split(corpus.documents())
+        for doc in heldout:
+            if len(doc.text) >= HELDOUT_MIN_CHARS and "/encodings/" not in doc.name:
+                ids = tokenizer.encode(doc.text).ids
+                yield ids[len(ids) // 2:len(ids) // 2 + BENCH_PROMPT_TOKENS]
+    for seed in itertools.count(11):
+        generator = torch.Generator().manual_seed(seed)
+        yield torch.randint(1, checkpoint.config.vocab_size, (BENCH_PROMPT_TOKENS,), generator=generator).tolist()
+
+
+_BENCH_PROMPTS: dict[str, tuple[list[list[int]], int]] = {}  # by target name: every backend gets the same prompts
+
+
+def bench_prompts(target: ModelRunner) -> tuple[list[list[int]], int]:
+    """The first BENCH_PROMPTS candidates whose greedy continuation by the target does not loop
+    (harness.quality.repetition_loop: a loop flatters every draft, prompt lookup most), and how many looping
+    candidates were passed over."""
+    name = target.checkpoint.name
+    if name not in _BENCH_PROMPTS:
+        chosen, passed_over = [], 0
+        for prompt in prompt_candidates(target.checkpoint):
+            if len(chosen) == BENCH_PROMPTS:
+                break
+            if repetition_loop(generate(target, [prompt], BENCH_TOKENS).tokens[0]):
+                passed_over += 1
+            else:
+                chosen.append(prompt)
+        _BENCH_PROMPTS[name] = chosen, passed_over
+    return _BENCH_PROMPTS[name]
 
 
 def predicted_speedup(acceptance: float, k: int, c: float, verify_cost: float = 1.0) -> float:
-    """Leviathan et al. (2023), Theorem 3.8: expected walltime improvement (1 - a^(k+1)) / ((1 - a)(c k + 1)).
-    The theorem takes a verification forward of k+1 tokens to cost one target step; `verify_cost` replaces
-    that 1 with the measured cost."""
+    """Leviathan, Kalman & Matias (2023), "Fast Inference from Transformers via Speculative Decoding", Theorem 3.8:
+    expected walltime improvement (1 - a^(k+1)) / ((1 - a)(c k + 1)), the expected tokens per round
+    (1 - a^(k+1)) / (1 - a) (their eq. 1) over the round's cost in target steps. The theorem takes a verification
+    forward of k+1 tokens to cost one target step; `verify_cost` replaces that 1 with the measured cost."""
     tokens_per_round = k + 1 if acceptance >= 1.0 else (1 - acceptance ** (k + 1)) / (1 - acceptance)
     return tokens_per_round / (c * k + verify_cost)
 
 
 def median(values: list[float]) -> float:
-    return float(torch.tensor(values).median())
+    return float(statistics.median(values))
+
+
+def time_alternately(benchmark, baseline: Callable, candidate: Callable, groups: list) -> tuple[list, list, list, list]:
+    """Run baseline(group) then candidate(group) over every group, round after round (one warm-up round, then
+    BENCH_ROUNDS timed). Returns each side's per-round seconds (all groups; warm-up dropped) and last outputs."""
+    times: dict[str, list[float]] = {"baseline": [], "candidate": []}
+    outputs: dict[str, list] = {}
+
+    def run_all(side: str, run: Callable) -> None:
+        outputs[side] = []
+        start = time.perf_counter()
+        for group in groups:
+            outputs[side].append(run(group))
+        times[side].append(time.perf_counter() - start)
+
+    benchmark.pedantic(lambda: run_all("candidate", candidate), setup=lambda: run_all("baseline", baseline),
+                       rounds=BENCH_ROUNDS, warmup_rounds=1)
+    warm = slice(1, None)  # setup also runs before the warm-up round
+    return times["baseline"][warm], times["candidate"][warm], outputs["baseline"], outputs["candidate"]
 
 
 @pytest.mark.bench
-@pytest.mark.parametrize("k", K_VALUES)
-@pytest.mark.parametrize("draft", BENCH_DRAFTS)
-def test_speedup(backend, model, load_runner, record, benchmark, draft, k):
-    """Batch 1, greedy: the speculative decoder and the target alone, timed alternately in the same run.
-    c is the draft's cost per drafted token over the target's cost per token alone (prefill amortized in both);
-    verify_cost is one verification forward (k+1 tokens, plus the sampler) in the same unit."""
+@pytest.mark.parametrize(("draft", "k", "batch", "sampling"), BENCH_CASES)
+def test_speedup(backend, model, load_runner, record, benchmark, draft, k, batch, sampling):
+    """The speculative decoder and the target alone, timed alternately in the same run on the same held-out
+    prompts, one at a time (batch 1) or all in one batch; greedy, or sampling with a fixed seed.
+    c: the draft's time per drafted token (one draft forward of the batch) over the target's time per step alone;
+    verify cost v: one verification forward (k+1 tokens, plus the sampler) in the same unit."""
     require(backend, ROLLBACK)
     checkpoint = model.checkpoint
     drafter = make_drafter(draft, backend, checkpoint, load_runner)
     target = load_runner(checkpoint, Strategy())
     record_draft(record, drafter)
-    decoder = SpeculativeDecoder(target, drafter, k)
-    prompt = [bench_prompt(checkpoint)]
-    target_times, speculative_times, alone = [], [], []
-
-    def time_target_alone():
-        start = time.perf_counter()
-        alone.append(generate(target, prompt, BENCH_TOKENS))
-        target_times.append(time.perf_counter() - start)
-
-    def speculative():
-        start = time.perf_counter()
-        result = decoder.generate(prompt, BENCH_TOKENS)
-        speculative_times.append(time.perf_counter() - start)
-        return result
-
-    result = benchmark.pedantic(speculative, setup=time_target_alone, rounds=BENCH_ROUNDS, warmup_rounds=1)
-    assert result.tokens == alone[-1].tokens, "speculative greedy tokens differ from the target's"
-    warm = slice(1, None) if len(target_times) > 1 else slice(None)  # drop the warm-up round
-    target_s, speculative_s = median(target_times[warm]), median(speculative_times[warm])
-    stats = result.stats
-    target_step = target_s / BENCH_TOKENS
-    c = stats.draft_s / stats.drafted / target_step if stats.drafted else 0.0
-    acceptance = stats.acceptance_rate if stats.judged else 0.0
-    record.params(draft=draft, k=k, new_tokens=BENCH_TOKENS, prompt_tokens=len(prompt[0]),
-                  threads=torch.get_num_threads())
+    decoder = SpeculativeDecoder(target, drafter, k, sampling)
+    prompts, passed_over = bench_prompts(target)
+    groups = [[prompt] for prompt in prompts] if batch == 1 else [prompts]
+    target_times, speculative_times, alone, results = time_alternately(
+        benchmark, lambda group: generate(target, group, BENCH_TOKENS, sampling, seed=0),
+        lambda group: decoder.generate(group, BENCH_TOKENS, seed=0), groups)
+    if sampling == GREEDY:
+        assert [r.tokens for r in results] == [a.tokens for a in alone], "speculative greedy tokens differ from the target's"
+    outputs = [row for generation in alone + results for row in generation.tokens]
+    target_s, speculative_s = median(target_times), median(speculative_times)
+    stats = SpeculativeStats.total([result.stats for result in results])
+    target_step = target_s / (BENCH_TOKENS * len(groups))
+    c = stats.draft_s / (stats.target_calls * k) / target_step
     verify_cost = stats.target_s / stats.target_calls / target_step
+    acceptance = stats.acceptance_rate if stats.judged else 0.0
+    predicted = predicted_speedup(acceptance, k, c)
+    speedup = target_s / speculative_s
+    record.params(draft=draft, k=k, batch=batch, temperature=sampling.temperature, prompts=len(prompts),
+                  new_tokens=BENCH_TOKENS, prompt_tokens=BENCH_PROMPT_TOKENS, prompts_passed_over=passed_over,
+                  threads=torch.get_num_threads())
+    if batch == 1:  # each prompt ran alone: its own acceptance
+        by_prompt = [result.stats.acceptance_rate for result in results if result.stats.judged]
+        record(acceptance_median=median(by_prompt), acceptance_min=min(by_prompt), acceptance_max=max(by_prompt))
+        record.samples(acceptance_by_prompt=by_prompt)
     record(acceptance_rate=acceptance, tokens_per_target_call=stats.tokens_per_target_call,
-           tokens_per_s=BENCH_TOKENS / speculative_s, target_tokens_per_s=BENCH_TOKENS / target_s,
-           speedup=target_s / speculative_s, c=c, verify_cost=verify_cost,
-           predicted_speedup=predicted_speedup(acceptance, k, c),
-           predicted_with_verify_cost=predicted_speedup(acceptance, k, c, verify_cost))
+           tokens_per_s=BENCH_TOKENS * len(prompts) / speculative_s,
+           target_tokens_per_s=BENCH_TOKENS * len(prompts) / target_s, speedup=speedup, c=c, verify_cost=verify_cost,
+           predicted_speedup=predicted, measured_over_predicted=speedup / predicted,
+           predicted_with_verify_cost=predicted_speedup(acceptance, k, c, verify_cost),
+           looping_outputs=sum(repetition_loop(tokens) for tokens in outputs))
     # per-round speedups of the interleaved pairs: the spread the regression gate tests a change against
-    record.samples(speedup=[t / s for t, s in zip(target_times[warm], speculative_times[warm])])
+    record.samples(speedup=[t / s for t, s in zip(target_times, speculative_times)])
+
+
+@pytest.mark.bench
+@pytest.mark.parametrize(("draft", "k"), NATIVE_CASES)
+def test_native_speedup(backend, model, load_runner, record, benchmark, draft, k):
+    """An engine's own speculative decoding (transformers' assisted generation with the trained draft converted,
+    or its prompt lookup), greedy batch 1 on test_speedup's prompts, timed alternately against the same
+    engine's plain generate: the figures to set beside test_speedup's."""
+    require(backend, NATIVE)
+    checkpoint = model.checkpoint
+    draft_runner = load_runner(trained_draft_checkpoint(checkpoint), Strategy()) if draft == "trained" else None
+    target = load_runner(checkpoint, Strategy())
+    if draft_runner is not None:
+        record.params(draft_model=draft_runner.checkpoint.name, draft_quant=draft_runner.strategy.id)
+    prompts, passed_over = bench_prompts(target)
+    plain_times, native_times, plain, native = time_alternately(
+        benchmark, lambda group: target.generate_native(group[0], BENCH_TOKENS),
+        lambda group: target.generate_native(group[0], BENCH_TOKENS, k, draft_runner), [[p] for p in prompts])
+    assert native == plain, f"{backend.name}'s own speculative greedy tokens differ from its plain generate's"
+    record.params(draft=draft, k=k, batch=1, temperature=0.0, prompts=len(prompts), new_tokens=BENCH_TOKENS,
+                  prompt_tokens=BENCH_PROMPT_TOKENS, prompts_passed_over=passed_over, threads=torch.get_num_threads())
+    plain_s, native_s = median(plain_times), median(native_times)
+    record(speedup=plain_s / native_s, tokens_per_s=BENCH_TOKENS * len(prompts) / native_s,
+           target_tokens_per_s=BENCH_TOKENS * len(prompts) / plain_s,
+           looping_outputs=sum(repetition_loop(tokens) for tokens in plain + native))
+    record.samples(speedup=[p / n for p, n in zip(plain_times, native_times)])

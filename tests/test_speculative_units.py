@@ -1,13 +1,14 @@
 """Unit checks of the speculative decoder's parts that exactness does not cover: prompt lookup's proposals and
-bad input. (Exactness itself is suites/test_speculative.py.)"""
+bad input, and the bench's loop rule and pooled counts. (Exactness itself is suites/test_speculative.py.)"""
 import pytest
 import torch
 
 from backends.algorithms.generation import GREEDY
-from backends.algorithms.speculative import PromptLookupDraft, SpeculativeDecoder
+from backends.algorithms.speculative import PromptLookupDraft, SpeculativeDecoder, SpeculativeStats
 from backends.torch_ref.backend import TorchBackend
 from backends.strategies import Strategy
 from harness.models import resolve_model
+from harness.quality import repetition_loop
 
 
 def test_prompt_lookup_continues_the_latest_match():
@@ -41,3 +42,21 @@ def test_bad_input_is_refused_with_the_value():
         SpeculativeDecoder(runner, PromptLookupDraft(512), 2).generate([[1, 2]], -1)
     with pytest.raises(ValueError, match="max_ngram must be at least 1, got 0"):
         PromptLookupDraft(512, max_ngram=0)
+
+
+def test_repetition_loop_flags_a_block_repeated_over_half_the_output():
+    varied = list(range(40))
+    assert not repetition_loop(varied)
+    assert repetition_loop(varied[:20] + [5, 6, 7] * 7)  # period 3 over 21 of 41 tokens
+    assert not repetition_loop(varied[:24] + [5, 6, 7] * 5)  # over 15 of 39: under half
+    assert repetition_loop([9] * 20 + varied[:20])  # period 1, at the start
+    assert not repetition_loop(varied[:10] + list(range(17)) * 2)  # period 17: longer than a loop's block
+
+
+def test_stats_total_pools_counts_and_times():
+    first, second = SpeculativeStats(target_calls=2, draft_s=0.5), SpeculativeStats(target_calls=1, draft_s=0.25)
+    first.add_round(1, 4)
+    second.add_round(4, 4)
+    total = SpeculativeStats.total([first, second])
+    assert (total.target_calls, total.draft_s, total.accepted_counts) == (3, 0.75, [1, 4])
+    assert total.acceptance_rate == 5 / 6  # judged: 2 (one accepted, one rejected) + 4

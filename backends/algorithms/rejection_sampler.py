@@ -13,11 +13,38 @@ inject draws of exactly 0, and the decoder draws them from one seeded generator.
 """
 from __future__ import annotations
 
+import functools
+from contextlib import contextmanager
+
 import torch
 
 from .generation import Sampling, filter_logits
 
 
+@contextmanager
+def single_threaded():
+    """torch ops on one thread inside the block. The sampler's tensors are a few rows of the vocabulary, which one
+    thread does in microseconds; torch splits an op of more than 32,768 elements over its thread pool, and a parallel
+    region waits for every thread to get a core: beside onnxruntime's workers (which spin after each run) or any
+    other load on 2 cores, that is a scheduler tick, ~15 ms per op, several per round (onnxrt's verification cost
+    5 target steps at batch 1 and 12 at batch 4)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def on_one_thread(function):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with single_threaded():
+            return function(*args, **kwargs)
+    return wrapper
+
+
+@on_one_thread
 def distribution(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """(..., V) logits -> (..., V) float64 probabilities the sampling setting draws from (one-hot when greedy)."""
     flat = logits.reshape(-1, logits.shape[-1])
@@ -28,11 +55,13 @@ def distribution(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     return probs.reshape(logits.shape)
 
 
+@on_one_thread
 def one_hot(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """(...) tokens -> (..., V) float64: the distribution of a deterministic proposal."""
     return torch.nn.functional.one_hot(tokens, vocab_size).double()
 
 
+@on_one_thread
 def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw: (..., V) probabilities summing to 1 and (...) uniforms in [0, 1) -> (...) tokens.
 
@@ -53,6 +82,7 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(mass > 0, excess / mass.clamp(min=torch.finfo(mass.dtype).tiny), p)
 
 
+@on_one_thread
 def verify(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, accept_uniforms: torch.Tensor,
            draw_uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Judge k draft tokens per row.
@@ -72,5 +102,6 @@ def verify(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, accept_uniform
     n_accepted = accepted.long().cumprod(dim=-1).sum(dim=-1)
     # the distribution of the token after the accepted ones: the residual at the rejection, or p_{k+1} (bonus)
     choices = torch.cat([residual(p[:, :k], q), p[:, k:]], dim=1)  # (B, k+1, V)
-    chosen = choices[torch.arange(batch), n_accepted]
+    # gather, not choices[arange, n_accepted]: advanced indexing opens a parallel region even on a few elements
+    chosen = choices.gather(1, n_accepted[:, None, None].expand(-1, 1, choices.shape[-1])).squeeze(1)
     return n_accepted, draw(chosen, draw_uniforms)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from backends.base import KVCache, ModelRunner
 from .generation import GREEDY, PAD_TOKEN, Sampling, left_pad
-from .rejection_sampler import distribution, draw, one_hot, verify
+from .rejection_sampler import distribution, draw, one_hot, single_threaded, verify
 
 
 class Drafter(ABC):
@@ -75,8 +75,9 @@ class ModelDraft(Drafter):
             tokens.append(token)
             probs.append(q)
             feed, feed_positions, feed_mask = token[:, None], (positions + 1 + i)[:, None], None
-        self.drafted = torch.stack(tokens, dim=1)
-        return self.drafted, torch.stack(probs, dim=1)
+        with single_threaded():  # (B, k, V) float64: see single_threaded
+            self.drafted = torch.stack(tokens, dim=1)
+            return self.drafted, torch.stack(probs, dim=1)
 
     def rollback(self, n_accepted, active):
         # the cache gained [lag or padding slot], pending, d_1..d_{k-1}; d_k was drafted but never run
@@ -154,6 +155,15 @@ class SpeculativeStats:
         self.drafted += k
         self.full_rounds += int(n_accepted == k and k > 0)
         self.rejections += int(n_accepted < k)
+
+    @classmethod
+    def total(cls, parts: list[SpeculativeStats]) -> SpeculativeStats:
+        """The counts and times of several runs together (times add, per-round counts concatenate)."""
+        merged = cls()
+        for part in parts:
+            for counter in fields(cls):
+                setattr(merged, counter.name, getattr(merged, counter.name) + getattr(part, counter.name))
+        return merged
 
     @property
     def acceptance_rate(self) -> float:

@@ -13,7 +13,7 @@ import json
 
 import torch
 
-from backends.base import Backend, KVCache, ModelRunner, UnsupportedModel, import_package
+from backends.base import Backend, KVCache, ModelRunner, NativeSpeculativeRunner, UnsupportedModel, import_package
 from backends.cache import cache_root
 from backends.checkpoint import Checkpoint, hf_architecture
 from backends.registry import register
@@ -84,7 +84,7 @@ class TransformersCache(KVCache):
         return 4
 
 
-class TransformersRunner(ModelRunner):
+class TransformersRunner(ModelRunner, NativeSpeculativeRunner):
     def __init__(self, checkpoint: Checkpoint, strategy: Strategy):
         super().__init__(checkpoint, strategy)
         self.transformers = import_transformers()
@@ -122,6 +122,24 @@ class TransformersRunner(ModelRunner):
         mask = torch.ones_like(tokens) if token_mask is None else token_mask.long()
         return self.model(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=False).logits.float()
 
+    @torch.inference_mode()
+    def generate_native(self, prompt, max_new_tokens, k=0, draft=None):
+        """`generate`, greedy; k > 0: assisted generation (assistant_model=, a constant k tokens a round, no
+        confidence cut-off) or, without a draft, prompt_lookup_num_tokens=k. No end-of-sequence token: exactly
+        max_new_tokens, as the contract's generation makes."""
+        if draft is not None and not isinstance(draft, TransformersRunner):
+            raise TypeError(f"draft of type {type(draft).__name__} is not a transformers runner")
+        settings = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        if k and draft is not None:
+            settings.update(num_assistant_tokens=k, num_assistant_tokens_schedule="constant",
+                            assistant_confidence_threshold=0.0)
+        elif k:
+            settings.update(prompt_lookup_num_tokens=k)
+        tokens = torch.tensor([prompt])
+        out = self.model.generate(tokens, attention_mask=torch.ones_like(tokens), assistant_model=draft and draft.model,
+                                  generation_config=self.transformers.GenerationConfig(**settings))
+        return out[0, len(prompt):].tolist()
+
 
 @register
 class TransformersBackend(Backend):
@@ -130,7 +148,8 @@ class TransformersBackend(Backend):
     @classmethod
     def capabilities(cls) -> frozenset[str]:
         return frozenset([f"quant:{Quant.FP32.value}", f"attention:{Attention.NATIVE.value}",
-                          "position:rope", "kv-cache", "explicit-positions", "padding-mask"]
+                          "position:rope", "kv-cache", "explicit-positions", "padding-mask",
+                          "speculative:native"]
                          + [f"batching:{b.value}" for b in (Batching.SEQUENTIAL, Batching.STATIC)])
 
     def load(self, checkpoint: Checkpoint, strategy: Strategy) -> TransformersRunner:
