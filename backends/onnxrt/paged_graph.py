@@ -66,17 +66,14 @@ class PoolContext(AttentionContext):
 
 
 class PagedDecoderStep(DecoderStep):
-    """The reference Transformer's forward over the paged contract above; a subclass's `context_class` decides
-    where the two index inputs write and read (packed_graph.py)."""
+    """The reference Transformer's forward over the paged contract above."""
 
-    context_class = PoolContext
-
-    def forward(self, input_ids, position_ids, write_index, read_index, key_allowed, *rest):
+    def forward(self, input_ids, position_ids, slot_mapping, key_slots, key_allowed, *rest):
         cfg = self.config
         with_keys = reads_key_positions(cfg)
         key_positions = rest[0] if with_keys else None  # read only by ALiBi and sliding windows
         caches = rest[1:] if with_keys else rest
-        ctx = self.context_class(key_allowed, position_ids, key_positions, write_index, read_index, caches)
+        ctx = PoolContext(key_allowed, position_ids, key_positions, slot_mapping, key_slots, caches)
         ropes = None
         if cfg.position == "rope":
             rope = self.rope(position_ids)
