@@ -38,7 +38,7 @@ MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 TMP_PREFIX = ".tmp-"
 STALE_TMP_SECONDS = 3600
-FORMAT_VERSION = "1"  # bump whenever graph.py's contract or export changes what a file holds
+FORMAT_VERSION = "2"  # bump whenever a graph's contract or export changes what a file holds (2: paged by sequence)
 STEP = "step"
 # graph (store.graph_kind) -> (its exporter, its contract for the file's metadata)
 GRAPHS = {"general": (export_decoder, "decoder step with an in-place KV cache: see backends/onnxrt/graph.py"),
