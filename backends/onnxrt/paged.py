@@ -31,7 +31,7 @@ class OrtPagedKVCache(PagedKVCache):
         self.values = [ort.OrtValue.ortvalue_from_numpy(np.full(shape, fill, self.dtype), session.device, 0)
                        for _ in session.pool_names]
         self.slot_positions = torch.zeros(n_blocks * block_size, dtype=torch.long)
-        self.bindings: dict = {}  # session -> (its binding of this pool, its other inputs): runner.run_in_place
+        self.bindings: dict = {}  # (session, rows) -> (its binding of this pool, its other inputs): run_in_place
         super().__init__(n_blocks, block_size)
 
     @property

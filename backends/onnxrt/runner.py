@@ -154,7 +154,7 @@ class OrtKVCache(KVCache):
         self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool)
         self.positions = torch.zeros(batch_size, capacity, dtype=torch.long)
         self._lengths = torch.zeros(batch_size, dtype=torch.long)
-        self.bindings: dict = {}  # session -> (its binding of these buffers, its other inputs): run_in_place
+        self.bindings: dict = {}  # (session, rows) -> (a binding of those rows, the other inputs): run_in_place
 
     @property
     def capacity(self) -> int:
