@@ -38,7 +38,7 @@ class OnnxRuntimeBackend(Backend):
     # GroupQueryAttention, fused RMSNorms) for RoPE Llama-style models it expresses exactly, every capability above
     # included; graph.py's general export for the rest (ALiBi, learned/sinusoidal positions, dynamic-NTK and
     # LongRoPE, partial rotary, head_dim not a multiple of 16, sliding windows, Gemma, Qwen3, GPT-2, GPT-NeoX) and
-    # for fp16-kv and int4-gptq-block128 (store.GENERAL_ONLY); paged and packed batching have graphs of their own.
+    # for fp16-kv and int4-gptq-block128 (store.GENERAL_ONLY); paged batching has a graph of its own.
 
     def load(self, checkpoint: Checkpoint, strategy: Strategy) -> ModelRunner:
         self.check_strategy(strategy)

@@ -37,7 +37,7 @@ from backends.torch_ref.model import AttentionContext, causal_mask, rope_frequen
 OPSET = 18
 PROTOBUF_LIMIT = 2**31  # a single-file ONNX model is one protobuf message, which cannot exceed 2 GiB
 CONFIG_METADATA = "exactbench.config"  # metadata_props key: the exporting model's ModelConfig, as JSON
-GRAPH_METADATA = "exactbench.graph"  # metadata_props key: store.graph_kind (general: this module; fused, paged, packed)
+GRAPH_METADATA = "exactbench.graph"  # metadata_props key: store.graph_kind (general: this module; fused, paged)
 TRACE_SHAPE = {"batch": 2, "seq": 3, "kv_len": 7, "capacity": 9}  # traced sizes: distinct, none 0 or 1
 
 

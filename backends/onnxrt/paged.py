@@ -31,7 +31,7 @@ class OrtPagedKVCache(PagedKVCache):
         self.values = [ort.OrtValue.ortvalue_from_numpy(np.full(shape, fill, self.dtype), session.device, 0)
                        for _ in session.pool_names]
         self.slot_positions = torch.zeros(n_blocks * block_size, dtype=torch.long)
-        self.bindings: dict = {}  # session -> (its binding of this pool, its other inputs): runner.run_in_place
+        self.bindings: dict = {}  # (session, rows) -> (its binding of this pool, its other inputs): run_in_place
         super().__init__(n_blocks, block_size)
 
     @property
@@ -65,20 +65,30 @@ class PagedSession:
                             f"{self.pool_dtype.__name__})")
 
     def run(self, cache: OrtPagedKVCache, tokens, positions, seqs, block_tables, context_lens) -> torch.Tensor:
-        """forward_paged (base.py): (N,) packed tokens -> (N, V) logits."""
+        """forward_paged (base.py): (N,) packed tokens -> (N, V) logits, one run of the paged graph per group of
+        sequences that bring the same number of tokens. The logits are gathered in numpy: torch's threads, woken
+        for the copy, would wait for cores onnxruntime's threads still spin on after a run."""
         self.check_pool(cache)
         tokens, positions, seqs, block_tables, context_lens = (
             x.cpu().long() for x in (tokens, positions, seqs, block_tables, context_lens))
-        logical, _, tables = cache.new_token_slots(seqs, block_tables, context_lens)
-        token_tables = tables[seqs]  # (N, M)
-        new_slots = cache.slot_mapping(token_tables, logical)
-        span = int(context_lens[seqs].max())
-        key_slots = cache.key_slots(token_tables, span)  # (N, S)
+        logical, counts, tables = cache.new_token_slots(seqs, block_tables, context_lens)
+        new_slots = cache.slot_mapping(tables[seqs], logical)  # (N,)
         cache.slot_positions[new_slots] = positions
-        feeds = {"input_ids": tokens[:, None], "position_ids": positions[:, None], "slot_mapping": new_slots[:, None],
-                 "key_slots": key_slots,
-                 "key_allowed": torch.arange(span)[None, :] <= logical[:, None],  # its sequence's slots up to its own
-                 "key_position_ids": cache.slot_positions[key_slots]}
-        logits = run_in_place(self.session, feeds, list(zip(self.pool_names, self.present_names, cache.values)),
-                              cache.bindings, (len(tokens), 1, self.config.vocab_size))
-        return logits[:, 0]
+        order = torch.argsort(seqs, stable=True)  # by sequence, each sequence's tokens in their order
+        first = counts.cumsum(0) - counts  # where each sequence's tokens start in `order`
+        logits = np.empty((len(tokens), self.config.vocab_size), np.float32)
+        for count in counts.unique().tolist():
+            if count == 0:  # sequences the step brings no tokens of
+                continue
+            group = (counts == count).nonzero()[:, 0]
+            index = order[first[group, None] + torch.arange(count)]  # (b, T) the group's tokens
+            span = int(context_lens[group].max())
+            key_slots = cache.key_slots(tables[group], span)  # (b, S)
+            feeds = {"input_ids": tokens[index], "position_ids": positions[index], "slot_mapping": new_slots[index],
+                     "key_slots": key_slots,  # its sequence's slots up to its own:
+                     "key_allowed": torch.arange(span)[None, None, :] <= logical[index][:, :, None],
+                     "key_position_ids": cache.slot_positions[key_slots]}
+            out = run_in_place(self.session, feeds, list(zip(self.pool_names, self.present_names, cache.values)),
+                               cache.bindings, (*index.shape, self.config.vocab_size))
+            logits[index.numpy()] = out.numpy()
+        return torch.from_numpy(logits)

@@ -6,8 +6,8 @@ new keys and values into it in place: per step, no part of the cache is copied o
 slot bookkeeping (which slots are valid, the position each holds, each row's length) follows
 backends/torch_ref/model.TorchKVCache, so the two backends honour the same cache semantics (base.py).
 
-Two more graph variants are opened on first use: `forward_packed` runs the packed graph (packed_graph.py) over the
-same cache, one session run per continuous-batching step; the paged strategies run the paged graph (paged.py).
+`forward_packed` (continuous batching) runs the same step graph once per range of rows, bound by address; the paged
+strategies run the paged graph (paged.py), opened on first use.
 """
 from __future__ import annotations
 
@@ -19,11 +19,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from backends.base import CacheFullError, KVCache, ModelRunner, PackedStepRunner, PagedKVCache, PagedRunner, rank_within
+from backends.base import CacheFullError, KVCache, ModelRunner, PackedStepRunner, PagedKVCache, PagedRunner
 from backends.checkpoint import Checkpoint, ModelConfig
 from backends.strategies import Strategy
 
-from . import packed_graph
 from .graph import CONFIG_METADATA, GRAPH_METADATA, input_names, layer_names, output_names
 
 ELEMENT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -107,28 +106,55 @@ def open_variant(checkpoint: Checkpoint, strategy: Strategy, graph: str, inputs:
 
 
 def run_in_place(session: ort.InferenceSession, feeds: dict[str, np.ndarray | torch.Tensor],
-                 caches: list[tuple[str, str, ort.OrtValue]], bindings: dict, logits_shape: tuple[int, ...]
-                 ) -> torch.Tensor:
+                 caches: list[tuple[str, str, ort.OrtValue]], bindings: dict, logits_shape: tuple[int, ...],
+                 rows: range | None = None) -> torch.Tensor:
     """Run `session` on CPU `feeds` (every input it has that is not a cache) and its caches, each (input name,
     output name, buffer) bound as both input and output: the graph's present is its past with the new slots
-    written, so the update is in place. The caches are bound once per session and kept in `bindings` (the cache's
-    own dict), then reused every step: binding them is most of a decode step's Python time. Returns the logits,
-    written by the session straight into the returned tensor."""
-    if session not in bindings:
+    written, so the update is in place. `rows`: only that range of the buffers' outermost axis (all of it when
+    None), bound by address: a range of rows is one contiguous block of memory. The caches are bound once per
+    session and range and kept in `bindings` (the cache's own dict), then reused every step: binding them is most
+    of a decode step's Python time. Returns the logits, written by the session straight into the returned tensor."""
+    rows = range(caches[0][2].shape()[0]) if rows is None else rows
+    if (session, rows) not in bindings:
         binding = session.io_binding()
         for past, present, value in caches:
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)
+            shape = [len(rows), *value.shape()[1:]]
+            dtype = ELEMENT_TYPES[value.data_type()]
+            address = value.data_ptr() + rows.start * int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+            binding.bind_input(past, value.device_name(), 0, dtype, shape, address)
+            binding.bind_output(present, value.device_name(), 0, dtype, shape, address)
         cache_inputs = {name for name, _, _ in caches}
-        bindings[session] = binding, [i.name for i in session.get_inputs() if i.name not in cache_inputs]
-    binding, feed_names = bindings[session]
-    for name in feed_names:  # the binding keeps each array (it reads it in place) until the name is bound again
-        feed = feeds[name]
-        binding.bind_cpu_input(name, np.ascontiguousarray(feed.numpy() if isinstance(feed, torch.Tensor) else feed))
+        bindings[session, rows] = binding, [i.name for i in session.get_inputs() if i.name not in cache_inputs]
+    binding, feed_names = bindings[session, rows]
+    arrays = [np.ascontiguousarray(feeds[name].numpy() if isinstance(feeds[name], torch.Tensor) else feeds[name])
+              for name in feed_names]  # held until the run: a binding may point into them
+    for name, array in zip(feed_names, arrays):
+        binding.bind_cpu_input(name, array)
     logits = torch.empty(logits_shape)
     binding.bind_output("logits", "cpu", 0, np.float32, list(logits_shape), logits.data_ptr())
     session.run_with_iobinding(binding)
     return logits
+
+
+def row_runs(counts: list[int], room: list[bool]) -> list[tuple[range, int]]:
+    """The session runs of a packed step, each (rows, tokens per row): every maximal range of consecutive rows with
+    the same non-zero token count; and single-token (decode) ranges joined across the rows between them where each
+    of those has `room` for one masked token: one run with a few idle rows costs less than one more run."""
+    runs: list[tuple[range, int]] = []
+    decode = None  # the index of the latest single-token run, which a later decode row may join
+    for row, count in enumerate(counts):
+        if not count:
+            continue
+        if count == 1 and decode is not None and all(room[runs[decode][0].stop: row]):
+            runs[decode] = (range(runs[decode][0].start, row + 1), 1)
+            continue
+        if runs and runs[-1][1] == count and runs[-1][0].stop == row:
+            runs[-1] = (range(runs[-1][0].start, row + 1), count)
+        else:
+            runs.append((range(row, row + 1), count))
+        if count == 1:
+            decode = len(runs) - 1
+    return runs
 
 
 class OrtKVCache(KVCache):
@@ -143,7 +169,7 @@ class OrtKVCache(KVCache):
         self._lengths = torch.zeros(batch_size, dtype=torch.long)
         # the same memory as numpy arrays, for the runner's per-step bookkeeping (OrtRunner._run)
         self.valid_array, self.positions_array = self.valid.numpy(), self.positions.numpy()
-        self.bindings: dict = {}  # session -> (its binding of these buffers, its other inputs): run_in_place
+        self.bindings: dict = {}  # (session, rows) -> (a binding of those rows, the other inputs): run_in_place
 
     @property
     def capacity(self) -> int:
@@ -187,7 +213,6 @@ class OrtRunner(ModelRunner, PackedStepRunner, PagedRunner):
         self.past_names = layer_names(self.config, "past_key_values")
         self.present_names = layer_names(self.config, "present")
         self.cache_dtype = ELEMENT_TYPES[past[self.past_names[0]].type]
-        self.packed = None  # the packed graph's session, opened by the first forward_packed
         self.paged = None
 
     @property
@@ -219,38 +244,37 @@ class OrtRunner(ModelRunner, PackedStepRunner, PagedRunner):
         return self._run(cache, tokens, positions, mask)
 
     def forward_packed(self, cache, tokens, positions, rows):
-        """One run of the packed graph (packed_graph.py): every token its own row of one query, written at its
-        cache row's next slot and reading that row, gathered by index; no padding computed or stored."""
+        """Rows run in groups with no padding: each maximal range of consecutive rows that bring the same number of
+        tokens is one run of the step graph (the fused graph where store.graph_kind chooses it) over that range of
+        the cache, bound in place by address, and decode rows share one run across the rows between them
+        (row_runs). A prefill chunk is one row's run, the step's decode tokens one run: each token goes through
+        the same kernels as when its request runs alone.
+
+        The bookkeeping is numpy's: torch's threads, woken for a copy of the logits, wait for cores that
+        onnxruntime's threads still spin on after a run (the step took several times longer)."""
         self._check_cache(cache)
-        tokens, positions, rows = tokens.cpu().long(), positions.cpu().long(), rows.cpu().long()
-        self._check_vocabulary(tokens)
-        rank, counts = rank_within(rows, cache.lengths.shape[0])
-        lengths = cache.lengths + counts
-        full = lengths > cache.capacity
-        if bool(full.any()):
-            row = int(full.nonzero()[0])
-            raise CacheFullError(f"KV cache full: row {row} holds {int(cache.lengths[row])} of {cache.capacity} "
+        tokens, positions, rows = (x.cpu().long().numpy() for x in (tokens, positions, rows))
+        self._check_vocabulary(torch.from_numpy(tokens))
+        lengths = cache.lengths.numpy()
+        counts = np.bincount(rows, minlength=len(lengths))
+        full = lengths + counts > cache.capacity
+        if full.any():
+            row = int(full.nonzero()[0][0])
+            raise CacheFullError(f"KV cache full: row {row} holds {int(lengths[row])} of {cache.capacity} "
                                  f"slots and {int(counts[row])} more tokens were given")
-        if self.packed is None:
-            self.packed = open_variant(self.checkpoint, self.strategy, "packed", packed_graph.input_names(self.config),
-                                       packed_graph.output_names(self.config))
-        # the slots this call fills, as TorchKVCache.begin_packed; the lengths advance only once the run succeeds
-        slots = cache.lengths[rows] + rank  # (N,)
-        cache.valid[rows, slots] = True
-        cache.positions[rows, slots] = positions
-        span = int(lengths[rows].max())
-        feeds = {"input_ids": tokens[:, None], "position_ids": positions[:, None], "cache_rows": rows[:, None],
-                 "cache_position": slots[:, None],
-                 "key_allowed": cache.valid[rows, :span] & (torch.arange(span)[None, :] <= slots[:, None]),
-                 "key_position_ids": cache.positions[rows, :span]}
-        try:
-            logits = run_in_place(self.packed, feeds, self.cache_bindings(cache), cache.bindings,
-                                  (len(tokens), 1, self.config.vocab_size))
-        except BaseException:
-            cache.valid[rows, slots] = False  # slots past a row's length are invalid, as truncate leaves them
-            raise
-        cache._lengths = lengths
-        return logits[:, 0]
+        order = np.argsort(rows, kind="stable")  # by row, each row's tokens in their order
+        first = np.cumsum(counts) - counts  # where each row's tokens start in `order`
+        logits = np.empty((len(rows), self.config.vocab_size), np.float32)
+        for run, count in row_runs(counts.tolist(), (lengths + counts < cache.capacity).tolist()):
+            span = np.arange(run.start, run.stop)
+            takes = counts[span] == count  # the rows that bring this run's tokens; the others ride along masked
+            index = order[np.minimum(first[span, None] + np.arange(count), len(rows) - 1)]  # (b, T)
+            mask = np.repeat(takes[:, None], count, axis=1)
+            out = self._run(cache, torch.from_numpy(np.where(mask, tokens[index], 0)),
+                            torch.from_numpy(np.where(mask, positions[index], 0)), torch.from_numpy(mask), run)
+            logits[index[takes]] = out.numpy()[takes]
+            cache.lengths.numpy()[span[~takes]] -= count  # a rider's masked token is left invalid past its length
+        return torch.from_numpy(logits)
 
     def paged_session(self):
         """The session of the paged graph (paged.py), opened on first use."""
@@ -274,7 +298,7 @@ class OrtRunner(ModelRunner, PackedStepRunner, PagedRunner):
         return self.paged_session().run(cache, tokens, positions, seqs, block_tables, context_lens)
 
     def cache_bindings(self, cache: OrtKVCache) -> list[tuple[str, str, ort.OrtValue]]:
-        return list(zip(self.past_names, self.present_names, cache.values))  # the step and packed graphs' names
+        return list(zip(self.past_names, self.present_names, cache.values))
 
     def _check_cache(self, cache) -> None:
         if not isinstance(cache, OrtKVCache) or cache.owner is not self:
@@ -287,32 +311,36 @@ class OrtRunner(ModelRunner, PackedStepRunner, PagedRunner):
             bad = ids[(ids < 0) | (ids >= self.config.vocab_size)][0]
             raise ValueError(f"token id {int(bad)} is outside the vocabulary: accepted [0, {self.config.vocab_size})")
 
-    def _run(self, cache: OrtKVCache, tokens, positions, mask) -> torch.Tensor:
-        """Run (B, T) tokens on every cache row (a None mask: every token real); (B, T, V) logits.
+    def _run(self, cache: OrtKVCache, tokens, positions, mask, rows: range | None = None) -> torch.Tensor:
+        """Run (b, T) tokens on cache rows `rows` (every row when None), whose slots have room; (b, T, V) logits.
 
         The bookkeeping runs on numpy views of the cache's tensors: on arrays this small a numpy call costs a
         microsecond or two where torch's costs several, and at batch 1 a decode step's Python time was a tenth of
         onnxruntime-genai's whole step (int4)."""
         n_rows, n_new = tokens.shape
-        valid, held, start = cache.valid_array, cache.positions_array, cache.lengths.numpy()
+        picked = slice(None) if rows is None else slice(rows.start, rows.stop)
+        valid, held = cache.valid_array[picked], cache.positions_array[picked]
+        start = cache.lengths.numpy()[picked]
         lengths = start + n_new
         seen = int(lengths.max()) if n_rows else 0
         if seen > cache.capacity:
             cache.check_room(n_new)  # raises CacheFullError, before any slot is written
         # the slots this call fills, as TorchKVCache.begin; the lengths advance only once the run succeeds
-        slots = start[:, None] + np.arange(n_new)  # (B, T)
-        rows = np.arange(n_rows)[:, None]
-        valid[rows, slots] = True if mask is None else mask.numpy()
-        held[rows, slots] = positions.numpy()
+        slots = start[:, None] + np.arange(n_new)  # (b, T)
+        index = np.arange(n_rows)[:, None]
+        valid[index, slots] = True if mask is None else mask.numpy()
+        held[index, slots] = positions.numpy()
         feeds = {"input_ids": tokens.numpy(), "position_ids": positions.numpy(), "cache_position": slots,
                  "attention_mask": valid[:, :seen], "key_position_ids": held[:, :seen]}
         try:
             logits = run_in_place(self.session, feeds, self.cache_bindings(cache), cache.bindings,
-                                  (n_rows, n_new, self.config.vocab_size))
+                                  (n_rows, n_new, self.config.vocab_size), rows)
         except BaseException:
-            valid[rows, slots] = False  # slots past a row's length are invalid, as truncate leaves them
+            valid[index, slots] = False  # slots past a row's length are invalid, as truncate leaves them
             raise
-        cache._lengths = torch.from_numpy(lengths)
+        updated = cache.lengths.clone()
+        updated[picked] = torch.from_numpy(lengths)
+        cache._lengths = updated
         return logits
 
     def forward_full(self, tokens, positions, token_mask=None):

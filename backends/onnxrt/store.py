@@ -31,7 +31,6 @@ from backends.strategies import Quant
 
 from .fused_graph import export_fused_decoder, fused_graph_refusal
 from .graph import CONFIG_METADATA, GRAPH_METADATA, export_decoder, stamp
-from .packed_graph import export_packed_decoder
 from .paged_graph import export_paged_decoder
 from .quantize import derive
 
@@ -39,15 +38,13 @@ MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 TMP_PREFIX = ".tmp-"
 STALE_TMP_SECONDS = 3600
-FORMAT_VERSION = "1"  # bump whenever graph.py's contract or export changes what a file holds
+FORMAT_VERSION = "2"  # bump whenever a graph's contract or export changes what a file holds (2: paged by sequence)
 STEP = "step"
 # graph (store.graph_kind) -> (its exporter, its contract for the file's metadata)
 GRAPHS = {"general": (export_decoder, "decoder step with an in-place KV cache: see backends/onnxrt/graph.py"),
           "fused": (export_fused_decoder, "decoder step of ONNX Runtime's contrib ops, the contract of graph.py: "
                                           "see backends/onnxrt/fused_graph.py"),
-          "paged": (export_paged_decoder, "decoder step over a block pool: see backends/onnxrt/paged_graph.py"),
-          "packed": (export_packed_decoder, "packed decoder step, rows gathered by index: see "
-                                            "backends/onnxrt/packed_graph.py")}
+          "paged": (export_paged_decoder, "decoder step over a block pool: see backends/onnxrt/paged_graph.py")}
 # strategies only the general graph serves: GroupQueryAttention keeps its cache in the compute dtype, and the GPTQ
 # export finds each torch layer's MatMul by its weights, which the fused graph packs (q, k, v in one MatMul)
 GENERAL_ONLY = {Quant.FP16_KV, Quant.INT4_GPTQ_BLOCK128}

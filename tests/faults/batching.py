@@ -48,8 +48,8 @@ class RowNotResetRunner(TorchRunner):
 
 
 class GatherOffByOneCache(OrtPagedKVCache):
-    """onnxrt's paged graph gathers each query's keys and values through the block-table entry after the right one
-    (writes are right): a block-table off-by-one in the gather."""
+    """onnxrt's paged graph gathers each sequence's keys and values through the block-table entry after the right
+    one (writes are right): a block-table off-by-one in the gather."""
 
     def key_slots(self, tables, span):
         shifted = torch.cat([tables[:, 1:], tables[:, -1:]], dim=1)
