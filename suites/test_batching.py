@@ -22,6 +22,7 @@ same requests and must give, per request, the same greedy tokens and logits with
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, replace
 from functools import cache
 
@@ -32,7 +33,7 @@ from backends.checkpoint import Checkpoint
 from backends.algorithms.generation import Generation, Sampling, generate
 from backends.algorithms.serving import Request, ServingConfig, serve
 from backends.algorithms.serving.engine import WallClock, paged_memory
-from backends.algorithms.serving.request import sample_seed
+from backends.algorithms.serving.request import DEFAULT_BLOCK_SIZE, sample_seed
 from backends.strategies import Batching, Strategy
 from harness.latency import serving_metrics, slo_label
 from harness.models import SMALL, random_checkpoint, small_checkpoint
@@ -479,3 +480,77 @@ def test_prefix_sharing(backend, load_runner, checkpoint, sharing, burstiness, r
            ttft_cut_pct=100 * (1 - with_cache["ttft_mean_ms"] / without["ttft_mean_ms"]),
            output_throughput=with_cache["output_throughput"],
            output_throughput_uncached=without["output_throughput"])
+
+
+PARALLEL_SAMPLES = 4
+ROUNDS = 3  # alternating runs of the configurations a bench test compares; medians reported
+
+
+def alternately(runner, runs: dict[str, tuple[list[Request], ServingConfig]]) -> dict[str, list]:
+    """Each named (requests, config) served ROUNDS times, one after another in turn, after a warm-up of each."""
+    for _, config in runs.values():
+        warm_up(runner, config)
+    results = {name: [] for name in runs}
+    for _ in range(ROUNDS):
+        for name, (requests, config) in runs.items():
+            results[name].append(serve(runner, requests, config, clock=WallClock()))
+    return results
+
+
+def median_throughput(results: list) -> float:
+    return statistics.median(serving_metrics(r.completions)["output_throughput"] for r in results)
+
+
+def throughput_ratio(results: list, baseline: list) -> float:
+    """Median over rounds of the output throughput ratio, each round's two runs back to back."""
+    return statistics.median(serving_metrics(a.completions)["output_throughput"]
+                             / serving_metrics(b.completions)["output_throughput"] for a, b in zip(results, baseline))
+
+
+@pytest.mark.bench
+def test_parallel_sampling(backend, load_runner, checkpoint, batching, record):
+    """BENCH_REQUESTS heavy-tailed requests of PARALLEL_SAMPLES samples each at temperature 1, all at once: the KV
+    blocks held at the peak when each request's samples share its prompt's blocks (copy-on-write), against the same
+    samples sent as requests of their own; output throughput both ways, run alternately."""
+    if batching not in PAGED:
+        pytest.skip(f"{batching.value} has no block pool: its samples share no memory")
+    runner = load(backend, load_runner, checkpoint, batching)
+    requests = [replace(r, sampling=SAMPLED, samples=PARALLEL_SAMPLES)
+                for r in make_requests(checkpoint, PROFILES["heavy-tailed"], BENCH_REQUESTS, seed=7)]
+    unshared = [Request(r.id * PARALLEL_SAMPLES + i, r.prompt, r.max_new_tokens, r.arrival, r.sampling,
+                        sample_seed(r.seed, i)) for r in requests for i in range(PARALLEL_SAMPLES)]
+    config = bench_config(batching, checkpoint)
+    runs = alternately(runner, {"shared": (requests, config), "unshared": (unshared, config)})
+    shared, separate = runs["shared"][0], runs["unshared"][0]
+    assert [c.tokens for c in shared.completions] == [c.tokens for c in separate.completions], \
+        "a sample's tokens differ from the same sample sent as a request of its own"
+    record.params(profile="heavy-tailed", samples=PARALLEL_SAMPLES, requests=BENCH_REQUESTS, kv_tokens=config.kv_tokens,
+                  max_batch=config.max_batch)
+    record(peak_blocks_held=shared.stats.peak_blocks_held, peak_blocks_held_unshared=separate.stats.peak_blocks_held,
+           blocks_saved_pct=100 * (1 - shared.stats.peak_blocks_held / separate.stats.peak_blocks_held),
+           copies_on_write=shared.stats.block_accounting["copies_on_write"],
+           output_throughput=median_throughput(runs["shared"]),
+           output_throughput_unshared=median_throughput(runs["unshared"]),
+           output_throughput_ratio=throughput_ratio(runs["shared"], runs["unshared"]))
+
+
+BLOCK_SIZES = [pytest.param(size, id=f"block{size}") for size in (4, 8, 16, 32)]
+
+
+@pytest.mark.bench
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_block_size_sweep(backend, load_runner, checkpoint, block_size, record):
+    """paged, heavy-tailed requests all at once (the KV-waste goal's run) by block size: KV waste (reserved slots
+    holding no token: the last block's internal fragmentation) and output throughput, as a ratio to the default
+    block size run alternately in this test."""
+    require(backend, f"batching:{Batching.PAGED.value}")
+    runner = load_runner(checkpoint, Strategy())
+    requests = make_requests(checkpoint, PROFILES["heavy-tailed"], BENCH_REQUESTS, seed=7)
+    runs = alternately(runner, {size: (requests, bench_config(Batching.PAGED, checkpoint, block_size=size))
+                                for size in dict.fromkeys((block_size, DEFAULT_BLOCK_SIZE))})
+    result = runs[block_size][0]
+    record.params(profile="heavy-tailed", requests=BENCH_REQUESTS, kv_tokens=bench_config(Batching.PAGED,
+                                                                                          checkpoint).kv_tokens)
+    record(kv_waste_pct=100 * result.stats.kv_waste, peak_blocks_held=result.stats.peak_blocks_held,
+           output_throughput=median_throughput(runs[block_size]),
+           output_throughput_ratio=throughput_ratio(runs[block_size], runs[DEFAULT_BLOCK_SIZE]))
