@@ -6,7 +6,9 @@ first, in the order they were admitted, each with its next decode token or its n
 waiting requests that have arrived are admitted in arrival order while the budget, `max_batch` and memory
 last. When memory runs out for a running sequence, the most recently admitted one is preempted: its memory
 is released and it waits again at the head of the queue, to be recomputed from its prompt and the tokens it
-has generated so far (vLLM's recompute preemption).
+has generated so far (vLLM's recompute preemption). A request of several parallel samples is a `SequenceGroup`:
+where memory is in blocks, its prompt is computed once and the samples then share its blocks; it is admitted,
+counted against `max_batch` and preempted as a whole. Over contiguous rows each sample is a group of its own.
 
 `next_static_batch` is static batching: fixed groups in arrival order, each run until its longest request ends.
 """
