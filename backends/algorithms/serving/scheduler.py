@@ -56,7 +56,7 @@ class SequenceGroup:
     A group of one sample is forked from the start. Preemption takes the whole group; it is recomputed the same way."""
 
     sequences: list[Sequence]
-    forked: bool = False
+    forked: bool = field(init=False)  # the samples hold blocks of their own (set by unfork, then fork)
 
     def __post_init__(self):
         for seq in self.sequences:
