@@ -20,7 +20,7 @@ from backends.strategies import Batching
 from .block_manager import BlockManager, RowPool
 from .request import Completion, Request, ServingConfig, ServingResult, ServingStats
 from .runner import ContiguousStepRunner, PagedStepRunner, StaticBatchRunner
-from .scheduler import ContinuousScheduler, Sequence, next_static_batch
+from .scheduler import ContinuousScheduler, Sequence, next_static_batch, sequences_of
 
 PAGED = (Batching.PAGED, Batching.PAGED_PREFIX)
 
@@ -151,13 +151,9 @@ class Stamps:
                           seq.cached_tokens, self.times[seq.id], seq.sample)
 
 
-def each_sample(requests: list[Request]) -> list[Sequence]:
-    return [Sequence(r, i, list(r.prompt)) for r in requests for i in range(r.samples)]
-
-
 def serve_static(model: ModelRunner, requests: list[Request], batch_size: int, clock) -> ServingResult:
     """Every sample of a request is a sequence of its own, computing the prompt itself (no memory is shared)."""
-    sequences = each_sample(requests)
+    sequences = [seq for request in requests for seq in sequences_of(request)]
     waiting = deque(sorted(sequences, key=lambda s: (s.request.arrival, s.id)))
     runner, stamps, stats = StaticBatchRunner(model), Stamps(clock), ServingStats()
     while waiting:

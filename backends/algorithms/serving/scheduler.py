@@ -48,6 +48,11 @@ class Sequence:
         return self.n_generated >= self.request.max_new_tokens
 
 
+def sequences_of(request: Request) -> list[Sequence]:
+    """A sequence for each of the request's parallel samples, each holding the prompt."""
+    return [Sequence(request, sample, list(request.prompt)) for sample in range(request.samples)]
+
+
 @dataclass(eq=False)
 class SequenceGroup:
     """The samples of one request that share its prompt's memory (PagedAttention's parallel sampling). The group
@@ -116,7 +121,7 @@ class ContinuousScheduler:
         self.preemptions = 0
 
     def add(self, request: Request) -> None:
-        samples = [Sequence(request, i, list(request.prompt)) for i in range(request.samples)]
+        samples = sequences_of(request)
         if self.memory.shares_blocks:
             self.waiting.append(SequenceGroup(samples))
         else:  # each sample computes the prompt into memory of its own
