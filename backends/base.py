@@ -23,6 +23,7 @@ Serving (backends/serving/) needs two more abilities, each a declared capability
   (`new_paged_cache`) and `forward_paged`, which reads and writes each sequence's K/V through its block
   table (the blocks holding its logical slots 0, 1, ... in order). The runner owns no per-sequence state: the
   block manager above it decides which blocks a sequence holds and how many tokens it has.
+  `PagedKVCache.copy_blocks` copies whole blocks (copy-on-write of a block that parallel samples shared).
 
 Every backend runs `batching:sequential` and `batching:static` with the core methods alone.
 
@@ -180,6 +181,15 @@ class PagedKVCache(ABC):
     @abstractmethod
     def allocated_bytes(self) -> int:
         """Bytes of the key/value pool actually allocated."""
+
+    @abstractmethod
+    def copy_blocks(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        """Copy every slot (keys, values, positions) of blocks `source` (K,) into blocks `target` (K,), pair by pair;
+        no target is a source."""
+
+    def block_slots(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The pool slots (K * block_size,) of blocks (K,), block by block."""
+        return (blocks[:, None] * self.block_size + torch.arange(self.block_size, device=blocks.device)).flatten()
 
     def physical_slots(self, tables: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
         """Pool slots of logical slots (..., S) through the block tables (..., M) of their sequences."""

@@ -70,7 +70,8 @@ INFO_METRICS = {
     # serving: absolute rates and counts depend on the machine and the arrival timing
     "requests", "output_tokens", "request_throughput", "output_throughput", "output_throughput_uncached",
     "kv_waste_pct", "preemptions", "max_running", "steps", "mixed_steps", "prefix_tokens_skipped", "ttft_cut_pct",
-    "ttft_mean_ms_uncached",
+    "ttft_mean_ms_uncached", "peak_blocks_held", "peak_blocks_held_unshared", "blocks_saved_pct", "copies_on_write",
+    "output_throughput_unshared",
     # engines: the roofline fraction depends on the machine's measured bandwidth, read in the same run
     "roofline_fraction", "machine_read_GBps", "achieved_GBps", "weights_fit_in_cache", "same_token_rows",
     # serving under an SLO: depends on the machine's absolute speed

@@ -13,11 +13,16 @@ same requests and must give, per request, the same greedy tokens and logits with
   whose blocks are all cached still computes its last token; another model sharing the pool never hits
   (the salt); after the last request, every block is free or held only by the prefix cache (leaks), by the
   block manager's own accounting;
-- sampling: with a seed per request, the sampled tokens are those of the request alone.
+- sampling: with a seed per request, the sampled tokens are those of the request alone;
+- parallel sampling: each of a request's samples (its own seed, derived from the request's) equals that seed's run
+  alone; greedy samples are identical; under the paged strategies the samples share the prompt's blocks, the last
+  partial one copied on a sample's first write (counted exactly), fewer blocks are held than unshared samples
+  would take, nothing leaks, and a preempted group is recomputed.
 """
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, replace
 from functools import cache
 
@@ -28,6 +33,7 @@ from backends.checkpoint import Checkpoint
 from backends.algorithms.generation import Generation, Sampling, generate
 from backends.algorithms.serving import Request, ServingConfig, serve
 from backends.algorithms.serving.engine import WallClock, paged_memory
+from backends.algorithms.serving.request import DEFAULT_BLOCK_SIZE, sample_seed
 from backends.strategies import Batching, Strategy
 from harness.latency import serving_metrics, slo_label
 from harness.models import SMALL, random_checkpoint, small_checkpoint
@@ -92,12 +98,12 @@ WORKLOADS = {
 _ALONE: dict[tuple, Generation] = {}
 
 
-def alone(runner, request: Request) -> Generation:
-    """The request run by itself (cached per runner: runners live for the session)."""
-    key = (id(runner), request.prompt, request.max_new_tokens, request.sampling, request.seed)
+def alone(runner, request: Request, sample: int = 0) -> Generation:
+    """The request's sample run by itself with its seed (cached per runner: runners live for the session)."""
+    seed = sample_seed(request.seed, sample)
+    key = (id(runner), request.prompt, request.max_new_tokens, request.sampling, seed)
     if key not in _ALONE:
-        _ALONE[key] = generate(runner, [list(request.prompt)], request.max_new_tokens, request.sampling,
-                               seed=request.seed)
+        _ALONE[key] = generate(runner, [list(request.prompt)], request.max_new_tokens, request.sampling, seed=seed)
     return _ALONE[key]
 
 
@@ -105,13 +111,17 @@ def assert_each_as_alone(runner, result) -> float:
     """Every completion's tokens equal its request's alone, and its logits within logit_bound; the worst error."""
     worst = 0.0
     for completion in result.completions:
-        request, reference = completion.request, alone(runner, completion.request)
+        request, reference = completion.request, alone(runner, completion.request, completion.sample)
+        who = f"request {request.id}"
+        if request.samples > 1:
+            who += (f" sample {completion.sample} of {request.samples} (parallel samples: the prompt's blocks shared, "
+                    "copy-on-write)")
         assert completion.tokens == reference.tokens[0], (
-            f"request {request.id} ({len(request.prompt)}-token prompt): tokens {completion.tokens} differ from "
+            f"{who} ({len(request.prompt)}-token prompt): tokens {completion.tokens} differ from "
             f"its tokens alone {reference.tokens[0]}")
         error = float((completion.logits - reference.logits[0]).abs().max())
         bound = logit_bound(reference.logits[0])
-        assert error <= bound, f"request {request.id}: logits differ from alone by {error:.3g} > {bound:.3g}"
+        assert error <= bound, f"{who}: logits differ from alone by {error:.3g} > {bound:.3g}"
         worst = max(worst, error)
     return worst
 
@@ -317,6 +327,73 @@ def test_sampling_with_a_seed_per_request(backend, load_runner, checkpoint, batc
     assert len({tuple(c.tokens) for c in result.completions}) > 1
 
 
+SAMPLED = Sampling(temperature=1.0, top_k=50)
+
+
+def parallel_sample_requests(vocab: int, lengths: list[tuple[int, int, int, Sampling]]) -> list[Request]:
+    """A request per (samples, prompt tokens, new tokens, sampling), all arriving at once."""
+    generator = torch.Generator().manual_seed(13)
+    return [Request(i, tuple(torch.randint(1, vocab, (prompt,), generator=generator).tolist()), new,
+                    sampling=sampling, seed=2000 + i, samples=samples)
+            for i, (samples, prompt, new, sampling) in enumerate(lengths)]
+
+
+def copies_needed(requests: list[Request]) -> int:
+    """Copies on write when each group forks once: every sample but the last to write copies a partial last block."""
+    return sum(r.samples - 1 for r in requests if len(r.prompt) % BLOCK_SIZE)
+
+
+def unshared_blocks(requests: list[Request]) -> int:
+    """Blocks every sample would hold at its end with no sharing."""
+    return sum(r.samples * -(-(len(r.prompt) + r.max_new_tokens) // BLOCK_SIZE) for r in requests)
+
+
+def assert_samples_shared(result, requests: list[Request], preempted: bool) -> None:
+    """The paged books: the prompts' blocks were shared (fewer held than unshared samples take), each partial one
+    copied on write exactly once per extra sample (more after a recompute), and nothing leaked."""
+    books = result.stats.block_accounting
+    copies = copies_needed(requests)
+    assert (books["copies_on_write"] >= copies) if preempted else (books["copies_on_write"] == copies), (
+        f"{books['copies_on_write']} copies on write; the shared partial prompt blocks need {copies} (batching "
+        "copy-on-write)")
+    assert result.stats.peak_blocks_held < unshared_blocks(requests), (
+        f"{result.stats.peak_blocks_held} blocks held at the peak, not fewer than the {unshared_blocks(requests)} "
+        "of unshared samples: the prompts' blocks were not shared")
+    assert_no_leak(result)
+
+
+@pytest.mark.exactness
+def test_parallel_samples_as_alone(backend, load_runner, checkpoint, batching, record):
+    """Requests of 4 sampled, 3 greedy and 2 sampled parallel samples, with prompts of 37, 21 and 32 tokens (a
+    partial last block, shared until each sample's first write, except the block-aligned one): each sample as
+    its seed alone."""
+    runner = load(backend, load_runner, checkpoint, batching)
+    requests = parallel_sample_requests(checkpoint.config.vocab_size, [(4, 37, 10, SAMPLED), (3, 21, 6, Sampling()),
+                                                                        (2, 32, 8, SAMPLED)])
+    result = serve(runner, requests, WORKLOADS["burst-16"].config(batching, max_len(checkpoint)))
+    record(max_abs_logit_error=assert_each_as_alone(runner, result), peak_blocks_held=result.stats.peak_blocks_held)
+    samples = {r.id: [tuple(c.tokens) for c in result.completions if c.request.id == r.id] for r in requests}
+    assert len(set(samples[1])) == 1, f"greedy samples differ: {samples[1]}"
+    assert len(set(samples[0])) > 1, f"4 samples at temperature 1 drew the same tokens: {samples[0]}"
+    if batching in PAGED:
+        assert_samples_shared(result, requests, preempted=False)
+
+
+@pytest.mark.exactness
+def test_parallel_samples_preempted_and_recomputed(backend, load_runner, checkpoint, batching, record):
+    """Two groups of sampled parallel samples outgrow a 12-block pool: the later group is preempted whole and
+    recomputed (its prompt once, then each sample's own tokens); each sample still equals its seed alone."""
+    if batching not in PAGED:
+        pytest.skip(f"{batching.value} has no block pool: nothing is shared or preempted")
+    runner = load(backend, load_runner, checkpoint, batching)
+    requests = parallel_sample_requests(checkpoint.config.vocab_size, [(3, 37, 20, SAMPLED), (2, 40, 24, SAMPLED)])
+    config = replace(WORKLOADS["small-pool"].config(batching, max_len(checkpoint)), kv_tokens=12 * BLOCK_SIZE)
+    result = serve(runner, requests, config)
+    record(max_abs_logit_error=assert_each_as_alone(runner, result), preemptions=result.stats.preemptions)
+    assert result.stats.preemptions > 0, "the 12-block pool never forced a preemption"
+    assert_samples_shared(result, requests, preempted=True)
+
+
 # --- bench: serving metrics (vLLM's `bench serve` definitions: harness/latency.py) ----------------
 
 BENCH_REQUESTS = 32
@@ -403,3 +480,77 @@ def test_prefix_sharing(backend, load_runner, checkpoint, sharing, burstiness, r
            ttft_cut_pct=100 * (1 - with_cache["ttft_mean_ms"] / without["ttft_mean_ms"]),
            output_throughput=with_cache["output_throughput"],
            output_throughput_uncached=without["output_throughput"])
+
+
+PARALLEL_SAMPLES = 4
+ROUNDS = 3  # alternating runs of the configurations a bench test compares; medians reported
+
+
+def alternately(runner, runs: dict[str, tuple[list[Request], ServingConfig]]) -> dict[str, list]:
+    """Each named (requests, config) served ROUNDS times, one after another in turn, after a warm-up of each."""
+    for _, config in runs.values():
+        warm_up(runner, config)
+    results = {name: [] for name in runs}
+    for _ in range(ROUNDS):
+        for name, (requests, config) in runs.items():
+            results[name].append(serve(runner, requests, config, clock=WallClock()))
+    return results
+
+
+def median_throughput(results: list) -> float:
+    return statistics.median(serving_metrics(r.completions)["output_throughput"] for r in results)
+
+
+def throughput_ratio(results: list, baseline: list) -> float:
+    """Median over rounds of the output throughput ratio, each round's two runs back to back."""
+    return statistics.median(serving_metrics(a.completions)["output_throughput"]
+                             / serving_metrics(b.completions)["output_throughput"] for a, b in zip(results, baseline))
+
+
+@pytest.mark.bench
+def test_parallel_sampling(backend, load_runner, checkpoint, batching, record):
+    """BENCH_REQUESTS heavy-tailed requests of PARALLEL_SAMPLES samples each at temperature 1, all at once: the KV
+    blocks held at the peak when each request's samples share its prompt's blocks (copy-on-write), against the same
+    samples sent as requests of their own; output throughput both ways, run alternately."""
+    if batching not in PAGED:
+        pytest.skip(f"{batching.value} has no block pool: its samples share no memory")
+    runner = load(backend, load_runner, checkpoint, batching)
+    requests = [replace(r, sampling=SAMPLED, samples=PARALLEL_SAMPLES)
+                for r in make_requests(checkpoint, PROFILES["heavy-tailed"], BENCH_REQUESTS, seed=7)]
+    unshared = [Request(r.id * PARALLEL_SAMPLES + i, r.prompt, r.max_new_tokens, r.arrival, r.sampling,
+                        sample_seed(r.seed, i)) for r in requests for i in range(PARALLEL_SAMPLES)]
+    config = bench_config(batching, checkpoint)
+    runs = alternately(runner, {"shared": (requests, config), "unshared": (unshared, config)})
+    shared, separate = runs["shared"][0], runs["unshared"][0]
+    assert [c.tokens for c in shared.completions] == [c.tokens for c in separate.completions], \
+        "a sample's tokens differ from the same sample sent as a request of its own"
+    record.params(profile="heavy-tailed", samples=PARALLEL_SAMPLES, requests=BENCH_REQUESTS, kv_tokens=config.kv_tokens,
+                  max_batch=config.max_batch)
+    record(peak_blocks_held=shared.stats.peak_blocks_held, peak_blocks_held_unshared=separate.stats.peak_blocks_held,
+           blocks_saved_pct=100 * (1 - shared.stats.peak_blocks_held / separate.stats.peak_blocks_held),
+           copies_on_write=shared.stats.block_accounting["copies_on_write"],
+           output_throughput=median_throughput(runs["shared"]),
+           output_throughput_unshared=median_throughput(runs["unshared"]),
+           output_throughput_ratio=throughput_ratio(runs["shared"], runs["unshared"]))
+
+
+BLOCK_SIZES = [pytest.param(size, id=f"block{size}") for size in (4, 8, 16, 32)]
+
+
+@pytest.mark.bench
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_block_size_sweep(backend, load_runner, checkpoint, block_size, record):
+    """paged, heavy-tailed requests all at once (the KV-waste goal's run) by block size: KV waste (reserved slots
+    holding no token: the last block's internal fragmentation) and output throughput, as a ratio to the default
+    block size run alternately in this test."""
+    require(backend, f"batching:{Batching.PAGED.value}")
+    runner = load_runner(checkpoint, Strategy())
+    requests = make_requests(checkpoint, PROFILES["heavy-tailed"], BENCH_REQUESTS, seed=7)
+    runs = alternately(runner, {size: (requests, bench_config(Batching.PAGED, checkpoint, block_size=size))
+                                for size in dict.fromkeys((block_size, DEFAULT_BLOCK_SIZE))})
+    result = runs[block_size][0]
+    record.params(profile="heavy-tailed", requests=BENCH_REQUESTS, kv_tokens=bench_config(Batching.PAGED,
+                                                                                          checkpoint).kv_tokens)
+    record(kv_waste_pct=100 * result.stats.kv_waste, peak_blocks_held=result.stats.peak_blocks_held,
+           output_throughput=median_throughput(runs[block_size]),
+           output_throughput_ratio=throughput_ratio(runs[block_size], runs[DEFAULT_BLOCK_SIZE]))

@@ -45,6 +45,20 @@ def test_kv_budget_smaller_than_a_request(runner):
     assert message.endswith("accepted: at least 1024")
 
 
+def test_parallel_samples_must_be_positive_and_fit(runner):
+    prompt = tuple(range(1, 41))
+    message = one_line_error(serve, runner, [Request(3, prompt, 4, samples=0)], ServingConfig(Batching.PAGED))
+    assert message == "request 3: samples 0; accepted: a positive integer"
+    message = one_line_error(serve, runner, [Request(3, prompt, 4, samples=5)],
+                             ServingConfig(Batching.PAGED, max_batch=4))
+    assert message == "request 3: 5 samples run together, over max_batch 4; accepted: at most 4"
+    # 2 full prompt blocks shared, then 1 block of each sample's own: 2 + 4 x 1 blocks of 16
+    message = one_line_error(serve, runner, [Request(3, prompt, 4, samples=4)],
+                             ServingConfig(Batching.PAGED, kv_tokens=80))
+    assert message == ("KV budget of 80 tokens cannot hold request 3 (40 prompt + 4 new tokens, 4 samples in blocks "
+                       "of 16); accepted: a budget of at least 96 tokens")
+
+
 def test_request_longer_than_the_model(runner):
     request = Request(7, tuple(range(1, 1001)), 30)
     for batching in Batching:

@@ -38,6 +38,15 @@ class OrtPagedKVCache(PagedKVCache):
     def allocated_bytes(self) -> int:
         return sum(int(np.prod(value.shape())) for value in self.values) * np.dtype(self.dtype).itemsize
 
+    def copy_blocks(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        source, target = self.block_slots(source.cpu()).numpy(), self.block_slots(target.cpu()).numpy()
+        for value in self.values:
+            pool = value.numpy()  # a view of a CPU pool; a host copy of a device pool, written back below
+            pool[target] = pool[source]
+            if value.device_name().lower() != "cpu":
+                value.update_inplace(pool)
+        self.slot_positions[torch.from_numpy(target)] = self.slot_positions[torch.from_numpy(source)]
+
     def key_slots(self, tables: torch.Tensor, span: int) -> torch.Tensor:
         """(N, span) pool slots of logical slots 0 .. span-1 through each token's sequence's table (N, M)."""
         return self.physical_slots(tables, torch.arange(span).expand(tables.shape[0], span))

@@ -367,6 +367,12 @@ class TorchPagedKVCache(PagedKVCache):
     def allocated_bytes(self) -> int:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
+    def copy_blocks(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        source, target = self.block_slots(source.to(self.k.device)), self.block_slots(target.to(self.k.device))
+        for pool in (self.k, self.v):
+            pool[:, target] = pool[:, source]
+        self.slot_positions[target] = self.slot_positions[source]
+
     def begin(self, positions, seqs, block_tables, context_lens) -> PackedContext:
         """Write packed tokens through their block tables (forward_paged in base.py); build their context."""
         logical, counts, tables = self.new_token_slots(seqs, block_tables, context_lens)

@@ -86,6 +86,25 @@ def blocks_never_released(monkeypatch):
     monkeypatch.setattr(block_manager.BlockManager, "release", lambda self, seq: None)
 
 
+def copy_on_write_skipped(monkeypatch):
+    """Parallel samples write their first tokens into the prompt's shared partial block (no copy on write): each
+    overwrites the others' keys and values at the same slots."""
+    monkeypatch.setattr(block_manager.BlockManager, "copy_on_write", lambda self, seq, index: None)
+
+
+def shared_block_reference_kept(monkeypatch):
+    """Copy-on-write gives the sample its own block but never drops its reference to the shared one, which
+    therefore outlives every sequence (a leak)."""
+    def copy_on_write(self, seq, index):
+        table = self.tables[seq]
+        private = self.take()
+        self.pending_copies.append((table[index], private))
+        table[index] = private
+        self.copies_on_write += 1
+
+    monkeypatch.setattr(block_manager.BlockManager, "copy_on_write", copy_on_write)
+
+
 def logits_of_the_token_before_the_last(monkeypatch):
     """Packed steps take each chunk's logits one token early (the index of its last token off by one), so a prefill
     chunk samples from its second-to-last token and a decode token from the previous sequence's."""
@@ -117,6 +136,12 @@ FAULTS = [
           args=MODEL, outcomes={"failed": 1}),
     Fault("blocks-never-released", "batching", blocks_never_released.__doc__, SUITE, "random-arrivals or burst",
           "*blocks still held after every request finished*", patch=blocks_never_released,
+          args=batching("paged"), outcomes={"failed": 2}),
+    Fault("copy-on-write-skipped", "batching", copy_on_write_skipped.__doc__, SUITE, "parallel_samples",
+          "*sample * of * (parallel samples: the prompt's blocks shared, copy-on-write)*differ*",
+          patch=copy_on_write_skipped, args=batching("paged"), outcomes={"failed": 2}),
+    Fault("shared-block-reference-kept", "batching", shared_block_reference_kept.__doc__, SUITE, "parallel_samples",
+          "*block reference counts disagree with the block tables*", patch=shared_block_reference_kept,
           args=batching("paged"), outcomes={"failed": 2}),
     Fault("packed-logits-one-token-early", "batching", logits_of_the_token_before_the_last.__doc__, SUITE,
           "arrives-during-prefill", "FAILED *test_batching.py::test_each_request_as_alone* - *differ from its tokens*",

@@ -20,7 +20,7 @@ from backends.strategies import Batching
 from .block_manager import BlockManager, RowPool
 from .request import Completion, Request, ServingConfig, ServingResult, ServingStats
 from .runner import ContiguousStepRunner, PagedStepRunner, StaticBatchRunner
-from .scheduler import ContinuousScheduler, next_static_batch
+from .scheduler import ContinuousScheduler, Sequence, next_static_batch, sequences_of
 
 PAGED = (Batching.PAGED, Batching.PAGED_PREFIX)
 
@@ -60,15 +60,23 @@ def check_requests(model: ModelRunner, requests: list[Request], config: ServingC
         if not r.prompt or r.max_new_tokens < 1:
             raise ValueError(f"request {r.id}: {len(r.prompt)} prompt tokens and max_new_tokens {r.max_new_tokens}; "
                              "accepted: at least 1 of each")
+        if not isinstance(r.samples, int) or r.samples < 1:
+            raise ValueError(f"request {r.id}: samples {r.samples!r}; accepted: a positive integer")
         if total > longest:
             raise ValueError(f"request {r.id}: {len(r.prompt)} prompt + {r.max_new_tokens} new tokens = {total} exceed "
                              f"the maximum sequence length {longest}; accepted: at most {longest}")
         if config.batching in PAGED:
-            need = -(-total // config.block_size) * config.block_size
+            if r.samples > config.max_batch:
+                raise ValueError(f"request {r.id}: {r.samples} samples run together, over max_batch "
+                                 f"{config.max_batch}; accepted: at most {config.max_batch}")
+            # the prompt's full blocks shared by the samples, the rest of the blocks of each one its own
+            shared = len(r.prompt) // config.block_size
+            need = (shared + r.samples * (-(-total // config.block_size) - shared)) * config.block_size
             if need > config.kv_tokens // config.block_size * config.block_size:
+                samples = f", {r.samples} samples" if r.samples > 1 else ""
                 raise ValueError(f"KV budget of {config.kv_tokens} tokens cannot hold request {r.id} ({len(r.prompt)} "
-                                 f"prompt + {r.max_new_tokens} new tokens in blocks of {config.block_size}); accepted: "
-                                 f"a budget of at least {need} tokens")
+                                 f"prompt + {r.max_new_tokens} new tokens{samples} in blocks of {config.block_size}); "
+                                 f"accepted: a budget of at least {need} tokens")
     if config.batching is Batching.CONTINUOUS and config.kv_tokens < longest:
         raise ValueError(f"KV budget of {config.kv_tokens} tokens is smaller than one request's reservation of "
                          f"{longest} tokens (continuous reserves the maximum sequence length per request); "
@@ -135,33 +143,37 @@ class Stamps:
         self.clock = clock
         self.times: dict[int, list[float]] = {}
 
-    def add(self, request_id: int) -> None:
-        self.times.setdefault(request_id, []).append(self.clock.now())
+    def add(self, seq: Sequence) -> None:
+        self.times.setdefault(seq.id, []).append(self.clock.now())
 
-    def completion(self, request: Request, tokens: list[int], sampler, cached: list[int]) -> Completion:
-        return Completion(request, tokens, torch.stack(sampler.logits[request.id]), cached, self.times[request.id])
+    def completion(self, seq: Sequence, sampler) -> Completion:
+        return Completion(seq.request, seq.tokens[len(seq.request.prompt):], torch.stack(sampler.logits[seq.id]),
+                          seq.cached_tokens, self.times[seq.id], seq.sample)
 
 
 def serve_static(model: ModelRunner, requests: list[Request], batch_size: int, clock) -> ServingResult:
-    waiting = deque(sorted(requests, key=lambda r: (r.arrival, r.id)))
-    runner, stamps, stats, generated = StaticBatchRunner(model), Stamps(clock), ServingStats(), {}
+    """Every sample of a request is a sequence of its own, computing the prompt itself (no memory is shared)."""
+    sequences = [seq for request in requests for seq in sequences_of(request)]
+    waiting = deque(sorted(sequences, key=lambda s: (s.request.arrival, s.id)))
+    runner, stamps, stats = StaticBatchRunner(model), Stamps(clock), ServingStats()
     while waiting:
-        clock.skip_to(waiting[0].arrival)
+        clock.skip_to(waiting[0].request.arrival)
         batch = next_static_batch(waiting, clock.now(), batch_size)
         stats.max_running = max(stats.max_running, len(batch))
         chosen = runner.start(batch)
-        for step in range(max(r.max_new_tokens for r in batch)):
+        for step in range(max(s.request.max_new_tokens for s in batch)):
             if step:
                 chosen = runner.step(chosen, step)
-            for request, token in zip(batch, chosen):
-                if step < request.max_new_tokens:
-                    generated.setdefault(request.id, []).append(token)
-                    stamps.add(request.id)
+            for seq, token in zip(batch, chosen):
+                if step < seq.request.max_new_tokens:
+                    seq.tokens.append(token)
+                    stamps.add(seq)
             stats.add_step(reserved=runner.cache.capacity * len(batch),
-                           used=sum(len(r.prompt) + min(step, r.max_new_tokens) for r in batch))
+                           used=sum(len(s.request.prompt) + min(step, s.request.max_new_tokens) for s in batch))
             clock.tick()
-    completions = [stamps.completion(r, generated[r.id], runner.sampler, [0]) for r in requests]
-    return ServingResult(completions, stats)
+    for seq in sequences:
+        seq.cached_tokens.append(0)
+    return ServingResult([stamps.completion(seq, runner.sampler) for seq in sequences], stats)
 
 
 def serve_continuous(scheduler: ContinuousScheduler, step_runner, requests: list[Request],
@@ -169,27 +181,31 @@ def serve_continuous(scheduler: ContinuousScheduler, step_runner, requests: list
     for request in sorted(requests, key=lambda r: (r.arrival, r.id)):
         scheduler.add(request)
     stamps, stats, sequences = Stamps(clock), ServingStats(), {}
+    for group in scheduler.waiting:
+        for seq in group.sequences:
+            sequences[seq.id] = seq
     while not scheduler.done:
         if not scheduler.running:
             clock.skip_to(scheduler.next_arrival())  # idle until the next request arrives
         plan = scheduler.schedule(clock.now())
         stats.preemptions += len(plan.preempted)
         if plan.chunks:
-            decoding = [c.count == 1 and c.seq.n_generated > 0 and c.samples for c in plan.chunks]
+            decoding = [c.count == 1 and c.seq.n_generated > 0 and bool(c.samplers) for c in plan.chunks]
             stats.mixed_steps += any(decoding) and not all(decoding)
-            sampled = step_runner.run(plan.chunks, plan.admitted)
+            sampled = step_runner.run(plan)
             stats.max_running = max(stats.max_running, len(scheduler.running))
             stats.add_step(reserved=step_runner.reserved_tokens(scheduler.running),
                            used=sum(seq.n_computed for seq in scheduler.running) + sum(c.count for c in plan.chunks))
+            if memory is not None:
+                stats.peak_blocks_held = max(stats.peak_blocks_held, memory.blocks.held)
             for chunk in plan.chunks:
-                sequences[chunk.seq.id] = chunk.seq
-                if chunk.samples:
-                    stamps.add(chunk.seq.id)
+                for seq in chunk.samplers:
+                    stamps.add(seq)
             scheduler.update(plan, sampled)
         clock.tick()
     stats.chunked_prompts = sum(seq.prefill_steps > 1 for seq in sequences.values())
     if memory is not None:
         stats.block_accounting = memory.blocks.accounting()
-    completions = [stamps.completion(r, sequences[r.id].tokens[len(r.prompt):], step_runner.sampler,
-                                     sequences[r.id].cached_tokens) for r in requests]
+    completions = [stamps.completion(sequences[r.id, i], step_runner.sampler) for r in requests
+                   for i in range(r.samples)]
     return ServingResult(completions, stats)

@@ -1,6 +1,7 @@
 """Requests, their completions and the serving parameters (every default defined here, once)."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,15 @@ class Request:
     arrival: float = 0  # when the request arrives, on the engine's clock (steps or seconds)
     sampling: Sampling = GREEDY
     seed: int = 0  # of the request's own generator: its draws do not depend on the batch it runs in
+    samples: int = 1  # parallel samples of the prompt (vLLM's n), each with its own generator (sample_seed)
+
+
+def sample_seed(seed: int, sample: int) -> int:
+    """The generator seed of a request's sample: the request's own for sample 0 (a one-sample request draws as it
+    always did), a hash of (seed, sample) for the others, so nearby request seeds never share a stream."""
+    if sample == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}/{sample}".encode()).digest()[:8], "little") >> 1
 
 
 @dataclass
@@ -28,6 +38,7 @@ class Completion:
     logits: torch.Tensor  # (n, V): the logits each new token was chosen from
     cached_tokens: list[int]  # prompt tokens found in the prefix cache, at each admission (preemption re-admits)
     token_times: list[float]  # when each token was chosen, on the engine's clock (steps or seconds)
+    sample: int = 0  # which of the request's parallel samples
 
     @property
     def first_token_time(self) -> float:
@@ -70,6 +81,7 @@ class ServingStats:
     max_running: int = 0
     reserved_token_steps: int = 0  # KV slots reserved for running requests, summed over steps
     used_token_steps: int = 0  # of which holding a token
+    peak_blocks_held: int = 0  # paged: the most pool blocks held at once (a block shared by n sequences counts once)
     block_accounting: dict[str, int] = field(default_factory=dict)  # the block manager's, after the last request
 
     def add_step(self, reserved: int, used: int) -> None:
@@ -85,5 +97,5 @@ class ServingStats:
 
 @dataclass
 class ServingResult:
-    completions: list[Completion]  # in the order the requests were given
+    completions: list[Completion]  # in the order the requests were given, each request's samples in order
     stats: ServingStats

@@ -1,8 +1,8 @@
 """Step runners: each turns a scheduled step into model calls and samples each request's next token.
 
 They compute and never decide: which sequences run, with how many tokens and in which memory, comes from the
-scheduler and the block manager. Each request samples with its own generator, seeded by the request, so its
-draws are the same whatever batch it runs in.
+scheduler and the block manager (copies of shared blocks too). Each sequence (each sample of each request) samples
+with its own generator, seeded by its request and sample, so its draws are the same whatever batch it runs in.
 """
 from __future__ import annotations
 
@@ -12,24 +12,23 @@ from backends.base import ModelRunner, PackedStepRunner, PagedRunner
 from backends.algorithms.generation import left_pad, next_tokens
 
 from .block_manager import BlockManager, RowPool
-from .request import Request
-from .scheduler import Chunk
+from .scheduler import Chunk, Sequence, StepPlan
 
 
 class Sampler:
-    """Per-request generators; the logits each token was chosen from, per request."""
+    """Per-sequence generators; the logits each token was chosen from, per sequence."""
 
     def __init__(self):
-        self.generators: dict[int, torch.Generator] = {}
-        self.logits: dict[int, list[torch.Tensor]] = {}
+        self.generators: dict[tuple[int, int], torch.Generator] = {}
+        self.logits: dict[tuple[int, int], list[torch.Tensor]] = {}
 
-    def __call__(self, request: Request, logits: torch.Tensor) -> int:
-        """(V,) logits -> the request's next token."""
-        if request.id not in self.generators:
-            self.generators[request.id] = torch.Generator().manual_seed(request.seed)
-            self.logits[request.id] = []
-        self.logits[request.id].append(logits.cpu())
-        return int(next_tokens(logits[None], request.sampling, self.generators[request.id])[0])
+    def __call__(self, seq: Sequence, logits: torch.Tensor) -> int:
+        """(V,) logits -> the sequence's next token."""
+        if seq.id not in self.generators:
+            self.generators[seq.id] = torch.Generator().manual_seed(seq.seed)
+            self.logits[seq.id] = []
+        self.logits[seq.id].append(logits.cpu())
+        return int(next_tokens(logits[None], seq.request.sampling, self.generators[seq.id])[0])
 
 
 def packed_inputs(chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -40,8 +39,9 @@ def packed_inputs(chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor, list
     return torch.tensor(tokens), torch.tensor(positions), last.tolist()
 
 
-def sample_chunks(sampler: Sampler, chunks: list[Chunk], logits: torch.Tensor, last: list[int]) -> dict[int, int]:
-    return {c.seq.id: sampler(c.seq.request, logits[index]) for c, index in zip(chunks, last) if c.samples}
+def sample_chunks(sampler: Sampler, chunks: list[Chunk], logits: torch.Tensor,
+                  last: list[int]) -> dict[tuple[int, int], int]:
+    return {seq.id: sampler(seq, logits[index]) for c, index in zip(chunks, last) for seq in c.samplers}
 
 
 class ContiguousStepRunner:
@@ -52,9 +52,10 @@ class ContiguousStepRunner:
         self.cache = model.new_cache(n_rows, max_seq_len)
         self.sampler = Sampler()
 
-    def run(self, chunks: list[Chunk], admitted) -> dict[int, int]:
-        if admitted:  # a row taken over by a new sequence starts empty
-            self.cache.reset(torch.tensor([self.rows.rows[seq.id] for seq in admitted]))
+    def run(self, plan: StepPlan) -> dict[tuple[int, int], int]:
+        chunks = plan.chunks
+        if plan.admitted:  # a row taken over by a new sequence starts empty
+            self.cache.reset(torch.tensor([self.rows.rows[seq.id] for seq in plan.admitted]))
         tokens, positions, last = packed_inputs(chunks)
         rows = torch.tensor([self.rows.rows[c.seq.id] for c in chunks for _ in range(c.count)])
         logits = self.model.forward_packed(self.cache, tokens, positions, rows)
@@ -71,7 +72,11 @@ class PagedStepRunner:
         self.model, self.blocks, self.cache = model, blocks, cache
         self.sampler = Sampler()
 
-    def run(self, chunks: list[Chunk], admitted) -> dict[int, int]:
+    def run(self, plan: StepPlan) -> dict[tuple[int, int], int]:
+        chunks = plan.chunks
+        if plan.copies:  # copy-on-write: a sample's private copy of a block its group shared
+            source, target = zip(*plan.copies)
+            self.cache.copy_blocks(torch.tensor(source), torch.tensor(target))
         tokens, positions, last = packed_inputs(chunks)
         tables = [self.blocks.tables[c.seq.id] for c in chunks]
         width = max(len(t) for t in tables)
@@ -93,9 +98,9 @@ class StaticBatchRunner:
         self.model = model
         self.sampler = Sampler()
 
-    def start(self, batch: list[Request]) -> list[int]:
-        tokens, positions, mask = left_pad([list(r.prompt) for r in batch])
-        longest = max(r.max_new_tokens for r in batch)
+    def start(self, batch: list[Sequence]) -> list[int]:
+        tokens, positions, mask = left_pad([list(s.request.prompt) for s in batch])
+        longest = max(s.request.max_new_tokens for s in batch)
         self.batch, self.positions = batch, positions[:, -1:]
         self.cache = self.model.new_cache(len(batch), tokens.shape[1] + longest - 1)
         logits = self.model.forward(self.cache, tokens, positions, mask)[:, -1]
@@ -108,5 +113,5 @@ class StaticBatchRunner:
 
     def choose(self, logits: torch.Tensor, steps_done: int) -> list[int]:
         """Each row's next token; rows whose request is done get the argmax, which nobody keeps."""
-        return [self.sampler(r, logits[i]) if steps_done < r.max_new_tokens else int(logits[i].argmax())
-                for i, r in enumerate(self.batch)]
+        return [self.sampler(s, logits[i]) if steps_done < s.request.max_new_tokens else int(logits[i].argmax())
+                for i, s in enumerate(self.batch)]
