@@ -34,6 +34,11 @@ def build_model(checkpoint: Checkpoint, attention: Attention | None = None) -> T
 
 class TorchRunner(ModelRunner, PackedStepRunner, PagedRunner):
     def __init__(self, checkpoint: Checkpoint, strategy: Strategy, device: torch.device):
+        compiled = strategy.execution == Execution.COMPILED
+        if compiled and (strategy.quant not in DTYPES or strategy.attention == Attention.FLASH):
+            # quantized kernels, quantized KV caches and flash's data-dependent tile skipping do not trace whole
+            raise UnsupportedModel(f"execution compiled runs quant {', '.join(q.value for q in DTYPES)} with attention "
+                                   f"naive or sdpa, not {strategy.id}")
         super().__init__(checkpoint, strategy)
         self.device = device
         self.dtype = DTYPES.get(strategy.quant, torch.float32)  # quantized formats compute in fp32
@@ -41,16 +46,12 @@ class TorchRunner(ModelRunner, PackedStepRunner, PagedRunner):
         quantize_model(self.model, strategy.quant, checkpoint)
         fuse_projections(self.model)
         self.kv_round_trip = KV_ROUND_TRIPS.get(strategy.quant)  # a quantized KV cache: what it keeps of K/V
-        self.decode_step = self.compiled_decode_step() if strategy.execution == Execution.COMPILED else None
+        self.decode_step = self.compiled_decode_step() if compiled else None
 
     def compiled_decode_step(self):
         """The model as one inductor graph per (batch, cache capacity), called for single-token steps with a
         fixed-shape context (TorchKVCache.begin): positions, slots and masks are tensors, so no step recompiles
         (dynamo counts at most recompile_limit, 8, shapes per process, then fails: fullgraph). Prefill runs eager."""
-        if self.strategy.quant not in DTYPES or self.strategy.attention == Attention.FLASH:
-            # quantized kernels, quantized KV caches and flash's data-dependent tile skipping do not trace whole
-            raise UnsupportedModel(f"execution compiled runs quant {', '.join(q.value for q in DTYPES)} with attention "
-                                   f"naive or sdpa, not {self.strategy.id}")
         return torch.compile(self.model.run, fullgraph=True, dynamic=False)
 
     def new_cache(self, batch_size: int, capacity: int) -> TorchKVCache:

@@ -67,7 +67,8 @@ FAULTS = [
     Fault("no-rollback", "kv-cache", NoRollbackRunner.__doc__, SUITE, "rollback_then_decode",
           ORACLE_FAILURE.format(test="rollback_then_decode"),
           backend=planted("no-rollback", NoRollbackRunner), args=SDPA, outcomes={"failed": 1}),
-    Fault("compiled-stale-position", "kv-cache", StaleCompiledPositionRunner.__doc__, SUITE, "compiled",
+    Fault("compiled-stale-position", "kv-cache", StaleCompiledPositionRunner.__doc__, SUITE,
+          "test_compiled",  # not "compiled": the planted backend's name, in every test id
           "FAILED *test_kv_cache.py::test_compiled_decode* - AssertionError: KV cache: compiled decode of a "
           "left-padded batch: optimized error * exceeds 2.0 x plain error*",
           backend=planted("compiled-stale-position", StaleCompiledPositionRunner), args=SDPA,
