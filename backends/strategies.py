@@ -58,10 +58,8 @@ class Strategy:
 
     @property
     def id(self) -> str:
-        names = [self.quant] + [value for value in (self.attention,) if value is not None]
-        if self.execution != Execution.EAGER:
-            names.append(self.execution)
-        return "-".join(name.value for name in names)
+        names = [self.quant, self.attention, None if self.execution == Execution.EAGER else self.execution]
+        return "-".join(name.value for name in names if name is not None)
 
     def as_record(self) -> dict[str, str]:
         """The strategy's names (eager execution, the default, is left out, as in records made before it existed)."""

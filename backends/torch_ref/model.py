@@ -594,7 +594,7 @@ class Transformer(nn.Module):
         """(B, T) tokens -> (B, T, V) logits, in the model's dtype."""
         return self.run(tokens, ctx, self.ropes(ctx.query_positions))
 
-    def ropes(self, positions: torch.Tensor):
+    def ropes(self, positions: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...] | None:
         """run's RoPE tables for (B, T) positions: None without RoPE, else (global cos/sin, sliding layers' cos/sin)."""
         cfg = self.config
         if cfg.position != "rope":
