@@ -41,7 +41,7 @@ from typing import ClassVar
 import torch
 
 from .checkpoint import Checkpoint, ModelConfig
-from .strategies import Quant, Strategy
+from .strategies import Execution, Quant, Strategy
 
 
 class CacheFullError(RuntimeError):
@@ -280,4 +280,6 @@ def strategy_capabilities(strategy: Strategy) -> list[str]:
     needed = [f"quant:{strategy.quant.value}"]
     if strategy.attention is not None:
         needed.append(f"attention:{strategy.attention.value}")
+    if strategy.execution != Execution.EAGER:
+        needed.append(f"execution:{strategy.execution.value}")
     return needed

@@ -30,6 +30,14 @@ class Attention(StrEnum):
     NATIVE = "native"  # whatever a non-torch backend fuses itself
 
 
+class Execution(StrEnum):
+    """How a single-token decode step runs."""
+
+    EAGER = "eager"  # op by op from Python
+    # one torch.compile (inductor) graph per batch size and cache capacity, fixed-shape (gpt-fast's decode step)
+    COMPILED = "compiled"
+
+
 class Batching(StrEnum):
     """How requests are scheduled onto the model (backends/serving/); a backend declares `batching:<name>`."""
 
@@ -46,15 +54,20 @@ class Strategy:
 
     quant: Quant = Quant.FP32
     attention: Attention | None = None  # None: the backend's default
+    execution: Execution = Execution.EAGER
 
     @property
     def id(self) -> str:
-        return self.quant.value if self.attention is None else f"{self.quant.value}-{self.attention.value}"
+        names = [self.quant, self.attention, None if self.execution == Execution.EAGER else self.execution]
+        return "-".join(name.value for name in names if name is not None)
 
     def as_record(self) -> dict[str, str]:
+        """The strategy's names (eager execution, the default, is left out, as in records made before it existed)."""
         record = {"quant": self.quant.value}
         if self.attention is not None:
             record["attention"] = self.attention.value
+        if self.execution != Execution.EAGER:
+            record["execution"] = self.execution.value
         return record
 
 

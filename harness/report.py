@@ -209,7 +209,8 @@ def collapse(rows: pd.DataFrame, labels: list[str], name: str) -> pd.DataFrame:
 # --- exactness: the summary and the per-test matrices ---------------------------------------------------------
 
 OUTCOME_MARKS = {"passed": "pass", "failed": "FAIL", "skipped": "n/a", "xfailed": "xfail", "xpassed": "XPASS"}
-STRATEGY_KEYS = ["quant", "param.dtype", "attention"]  # a kernel test's dtype is its precision strategy
+# a kernel test's dtype is its precision strategy
+STRATEGY_KEYS = ["quant", "param.dtype", "attention", "execution"]
 # errors of the oracle's own yardstick (the plain low-precision path), not of the path under test
 YARDSTICK_ERRORS = {"metric.plain_error", "metric.recompute_error"}
 

@@ -1,8 +1,9 @@
 """Engines side by side: the engines users run instead (transformers, ...) beside ours (torch, onnxrt), on the same
 weights, the same tokens and the same thread count.
 
-For each engine x strategy x batch x thread count: prefill tokens/s (PROMPT_TOKENS per row in one call) and decode
-tokens/s (DECODE_TOKENS single-token calls after the prompt), each timed round by round alternately with torch fp32
+For each engine x strategy (fp32, int4-block32, and the torch backend's fp32 with its decode step compiled) x batch x
+thread count: prefill tokens/s (PROMPT_TOKENS per row in one call) and decode tokens/s (DECODE_TOKENS single-token
+calls after the prompt), each timed round by round alternately with torch fp32
 in the same test (ratio_to_torch_fp32; the machines are shared and noisy, so only ratios measured side by side are
 quoted). Threads: 1, and every core of the machine; torch.set_num_threads sets torch's and transformers' pools
 (ONNX Runtime sessions keep the onnxrt backend's count, onnxruntime-genai's rule: see the engines page).
@@ -21,13 +22,15 @@ import torch
 
 from backends.algorithms.generation import generate
 from backends.registry import get_backend
-from backends.strategies import Quant, Strategy
+from backends.strategies import Execution, Quant, Strategy
 from harness.machine import fits_in_last_level_cache, read_bandwidth
 from harness.oracles import assert_greedy_agrees
 from harness.plugin import SESSION
 from suites.test_backend_speed import median, timed_phase
 
-ENGINE_QUANTS = (Quant.FP32, Quant.INT4_BLOCK32)
+# the torch backend's compiled decode step beside its eager one (an engine without it skips, naming the capability)
+ENGINE_STRATEGIES = (Strategy(Quant.FP32), Strategy(Quant.INT4_BLOCK32),
+                     Strategy(Quant.FP32, execution=Execution.COMPILED))
 PROMPT_TOKENS, DECODE_TOKENS = 64, 128  # the issue's default-target workload
 SAME_TOKENS = 64  # greedy tokens compared with torch fp32
 ROUNDS = 5  # timed rounds after one warm-up round
@@ -58,11 +61,10 @@ def threads_set(request):
 @pytest.mark.parametrize("threads_set", THREADS, ids=[f"t{n}" for n in THREADS], indirect=True)
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("phase", ["prefill", "decode"])
-@pytest.mark.parametrize("engine_quant", ENGINE_QUANTS, ids=[q.value for q in ENGINE_QUANTS])
-def test_engine_tokens_per_second(backend, load_runner, checkpoint, engine_quant, phase, batch, threads_set,
+@pytest.mark.parametrize("engine_strategy", ENGINE_STRATEGIES, ids=[s.id for s in ENGINE_STRATEGIES])
+def test_engine_tokens_per_second(backend, load_runner, checkpoint, engine_strategy, phase, batch, threads_set,
                                   torch_fp32, benchmark, record):
-    quant = engine_quant
-    runner = load_runner(checkpoint, Strategy(quant))
+    runner = load_runner(checkpoint, engine_strategy)
     baseline = torch_fp32(checkpoint)
     tokens = torch.randint(1, checkpoint.config.vocab_size, (batch, PROMPT_TOKENS + DECODE_TOKENS),
                            generator=torch.Generator().manual_seed(5))
@@ -76,7 +78,7 @@ def test_engine_tokens_per_second(backend, load_runner, checkpoint, engine_quant
     record.params(prompt_tokens=PROMPT_TOKENS, decode_tokens=DECODE_TOKENS, threads=threads_set)
     metrics = dict(tokens_per_s=tokens_per_s, baseline_tokens_per_s=baseline_tokens_per_s,
                    ratio_to_torch_fp32=tokens_per_s / baseline_tokens_per_s)
-    if phase == "decode" and quant == Quant.FP32:
+    if phase == "decode" and engine_strategy.quant == Quant.FP32:
         weight_bytes = decode_weight_bytes(checkpoint)
         bandwidth = read_bandwidth()
         metrics.update(roofline_fraction=tokens_per_s * weight_bytes / (batch * bandwidth.bytes_per_s),

@@ -12,14 +12,19 @@ import torch
 
 from backends.base import CacheFullError
 from backends.algorithms.generation import generate, left_pad
-from backends.strategies import Quant, Strategy
+from backends.strategies import Execution, Quant, Strategy
 from harness.models import ATTENTION_KINDS, POSITION_VARIANTS, config_matrix, parametrize_models, small_checkpoint
-from harness.oracles import assert_by_oracle, assert_by_precision_reference, assert_fp32_by_oracle, max_abs_error
+from harness.oracles import (assert_by_oracle, assert_by_precision_reference, assert_fp32_by_oracle,
+                             assert_greedy_agrees, max_abs_error)
 from harness.plugin import require
 from harness.references import PRECISIONS, float64_reference, precision_reference
 
 N_DECODE = 32
 LONG_CONTEXT = 256  # tokens of the long-context checks (fewer when the model has fewer positions)
+COMPILED = Strategy(Quant.FP32, execution=Execution.COMPILED)
+# The compiled checks' one batch shape (each new batch size or cache capacity compiles anew: tens of seconds here):
+# two left-padded rows of different lengths, so per-row slots and padding go through the fixed-shape step.
+COMPILED_PROMPTS, COMPILED_DECODE = (7, 12), 24
 EXACT_POSITIONS = [p for p in POSITION_VARIANTS if p != "rope-dynamic-ntk"]
 MATRIX = config_matrix(EXACT_POSITIONS)
 
@@ -102,6 +107,41 @@ def test_left_padded_batch_matches_unpadded_rows(backend, load_runner, attention
         reference.append(fp64_logits(runner, sequence)[decisions])
     result = assert_fp32_by_oracle(torch.cat(optimized), torch.cat(plain), torch.cat(reference))
     record(**result.metrics())
+
+
+def compiled_prompts(vocab: int) -> list[list[int]]:
+    return [prompt(n, vocab, seed=n) for n in COMPILED_PROMPTS]
+
+
+@pytest.mark.exactness
+def test_compiled_decode_matches_recompute(load_runner, model, record):
+    """Execution compiled: a left-padded batch of two decoded through the compiled step, each row as close to fp64
+    as that row recomputed alone (the eager path without a cache)."""
+    runner = load_runner(model.checkpoint, COMPILED)
+    prompts = compiled_prompts(runner.config.vocab_size)
+    batch = generate(runner, prompts, COMPILED_DECODE)
+    optimized, plain, reference = [], [], []
+    for row, alone in enumerate(prompts):
+        sequence = alone + batch.tokens[row]
+        decisions = slice(len(alone) - 1, -1)
+        optimized.append(batch.logits[row])
+        plain.append(runner.forward_full(torch.tensor([sequence]), positions_of(0, len(sequence)))[0, decisions])
+        reference.append(fp64_logits(runner, sequence)[decisions])
+    result = assert_fp32_by_oracle(torch.cat(optimized), torch.cat(plain), torch.cat(reference),
+                                   what="KV cache: compiled decode of a left-padded batch")
+    record(**result.metrics())
+
+
+@pytest.mark.exactness
+def test_compiled_greedy_tokens_equal_eager(load_runner, model, record):
+    """Execution compiled: the greedy tokens of a left-padded batch of two equal the eager strategy's (a first
+    mismatch only between each side's top-2 tokens, where rounding may differ)."""
+    eager, compiled = load_runner(model.checkpoint, Strategy(Quant.FP32)), load_runner(model.checkpoint, COMPILED)
+    prompts = compiled_prompts(compiled.config.vocab_size)
+    ours, theirs = generate(compiled, prompts, COMPILED_DECODE), generate(eager, prompts, COMPILED_DECODE)
+    mismatches = [assert_greedy_agrees(ours.tokens[row], ours.logits[row], theirs.tokens[row], theirs.logits[row],
+                                       top_k=2) for row in range(len(prompts))]
+    record(first_mismatch=min([m for m in mismatches if m is not None], default=-1))
 
 
 @pytest.mark.exactness

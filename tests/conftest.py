@@ -1,4 +1,5 @@
 import pytest
+import torch
 import pandas  # noqa: F401  (loaded here, like scipy below: re-imported after an in-process run drops it, its
 # extension types fail pandas' own identity checks, as the records tests did after the plugin tests in one process)
 import scipy.optimize  # noqa: F401
@@ -9,6 +10,11 @@ import backends.torch_ref  # noqa: F401  imported here, before any in-process py
 # (when installed), which registers torch operator libraries that abort on a second import, and pytester's
 # in-process runs drop every module first imported inside them
 from backends import registry
+
+# torch.compile imports inductor's modules lazily, at the first compile; some register themselves in global tables
+# and fail when imported twice. Compile something tiny here, outside pytester's in-process runs (a planted fault's
+# run compiles the torch backend's decode step, and would otherwise import them first and drop them).
+torch.compile(torch.neg, fullgraph=True)(torch.zeros(1))
 
 pytest_plugins = ["pytester"]
 

@@ -1,13 +1,14 @@
 """The reference backend: the PyTorch model of model.py, in fp32, bf16 or fp16 or a quantized format
-(quantize.py), on CUDA where present."""
+(quantize.py), on CUDA where present; single-token decode steps eager or compiled (Execution)."""
 from __future__ import annotations
 
 import torch
 
-from backends.base import Backend, KVCache, ModelRunner, PackedStepRunner, PagedKVCache, PagedRunner
+from backends.base import (Backend, KVCache, ModelRunner, PackedStepRunner, PagedKVCache, PagedRunner,
+                           UnsupportedModel)
 from backends.checkpoint import Checkpoint, check_weights
 from backends.registry import register
-from backends.strategies import Attention, Batching, Quant, Strategy
+from backends.strategies import Attention, Batching, Execution, Quant, Strategy
 
 from .attention import IMPLEMENTATIONS, AttentionFn
 from .model import Transformer, TorchKVCache, TorchPagedKVCache, full_sequence_context, fuse_projections
@@ -33,6 +34,11 @@ def build_model(checkpoint: Checkpoint, attention: Attention | None = None) -> T
 
 class TorchRunner(ModelRunner, PackedStepRunner, PagedRunner):
     def __init__(self, checkpoint: Checkpoint, strategy: Strategy, device: torch.device):
+        compiled = strategy.execution == Execution.COMPILED
+        if compiled and (strategy.quant not in DTYPES or strategy.attention == Attention.FLASH):
+            # quantized kernels, quantized KV caches and flash's data-dependent tile skipping do not trace whole
+            raise UnsupportedModel(f"execution compiled runs quant {', '.join(q.value for q in DTYPES)} with attention "
+                                   f"naive or sdpa, not {strategy.id}")
         super().__init__(checkpoint, strategy)
         self.device = device
         self.dtype = DTYPES.get(strategy.quant, torch.float32)  # quantized formats compute in fp32
@@ -40,6 +46,13 @@ class TorchRunner(ModelRunner, PackedStepRunner, PagedRunner):
         quantize_model(self.model, strategy.quant, checkpoint)
         fuse_projections(self.model)
         self.kv_round_trip = KV_ROUND_TRIPS.get(strategy.quant)  # a quantized KV cache: what it keeps of K/V
+        self.decode_step = self.compiled_decode_step() if compiled else None
+
+    def compiled_decode_step(self):
+        """The model as one inductor graph per (batch, cache capacity), called for single-token steps with a
+        fixed-shape context (TorchKVCache.begin): positions, slots and masks are tensors, so no step recompiles
+        (dynamo counts at most recompile_limit, 8, shapes per process, then fails: fullgraph). Prefill runs eager."""
+        return torch.compile(self.model.run, fullgraph=True, dynamic=False)
 
     def new_cache(self, batch_size: int, capacity: int) -> TorchKVCache:
         if self.strategy.quant in KV_CACHES:
@@ -64,6 +77,9 @@ class TorchRunner(ModelRunner, PackedStepRunner, PagedRunner):
         if not isinstance(cache, TorchKVCache):
             raise TypeError(f"cache of type {type(cache).__name__} was not made by this runner")
         tokens, positions, mask = self._inputs(tokens, positions, token_mask)
+        if self.decode_step is not None and tokens.shape[1] == 1:
+            context = cache.begin(positions, mask, fixed_shape=True)
+            return self.decode_step(tokens, context, self.model.ropes(positions)).float()
         return self.model(tokens, cache.begin(positions, mask)).float()
 
     @torch.inference_mode()
@@ -104,6 +120,7 @@ class TorchBackend(Backend):
             + [f"attention:{a.value}" for a in IMPLEMENTATIONS]
             + [f"position:{p}" for p in ("rope", "alibi", "learned", "sinusoidal")]
             + [f"batching:{b.value}" for b in Batching]
+            + [f"execution:{e.value}" for e in Execution if e != Execution.EAGER]
             + ["kv-cache", "ragged-batch", "explicit-positions", "padding-mask", "cache-rollback", "attention-kernels",
                "quantized-linears", "quantized-kv"]
         )

@@ -302,17 +302,19 @@ class TorchKVCache(KVCache):
         self.valid[rows] = False
         self._lengths = self._lengths.index_fill(0, rows, 0)  # not in place: forward leaves an inference tensor
 
-    def begin(self, positions: torch.Tensor, token_mask: torch.Tensor) -> AttentionContext:
-        """Reserve slots for (B, T) new tokens and build the mask every layer uses."""
+    def begin(self, positions: torch.Tensor, token_mask: torch.Tensor, fixed_shape: bool = False) -> AttentionContext:
+        """Reserve slots for (B, T) new tokens and build the mask every layer uses. fixed_shape: a context whose
+        shapes and Python values do not depend on what the rows hold (new slots scattered by row, attention over
+        every slot, masked), so one compiled graph serves every step."""
         n_new = positions.shape[1]
         self.check_room(n_new)
         shortest, longest = (int(n) for n in self._lengths.aminmax())
-        first_slot = shortest if shortest == longest else None
+        first_slot = shortest if shortest == longest and not fixed_shape else None
         slots = self._lengths[:, None] + torch.arange(n_new, device=positions.device)  # (B, T)
         write_slots(self.valid, slots, first_slot, token_mask)
         write_slots(self.positions, slots, first_slot, positions)
         self._lengths = self._lengths + n_new
-        seen = longest + n_new  # attend over the slots any row has filled
+        seen = self.capacity if fixed_shape else longest + n_new  # attend over the slots any row has filled
         allowed = causal_mask(slots, self.valid[:, :seen])
         return AttentionContext(allowed, positions, self.positions[:, :seen], self, slots, first_slot=first_slot)
 
@@ -604,14 +606,17 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """(B, T) tokens -> (B, T, V) logits, in the model's dtype."""
+        return self.run(tokens, ctx, self.ropes(ctx.query_positions))
+
+    def ropes(self, positions: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...] | None:
+        """run's RoPE tables for (B, T) positions: None without RoPE, else (global cos/sin, sliding layers' cos/sin)."""
         cfg = self.config
-        ropes = None
-        if cfg.position == "rope":
-            wide = compute_dtype(self.model.embed_tokens.weight.dtype)
-            rope = self.rope_tables[False].cos_sin(ctx.query_positions, wide)
-            local = rope if cfg.local_rope_theta is None else self.rope_tables[True].cos_sin(ctx.query_positions, wide)
-            ropes = (rope, local)
-        return self.run(tokens, ctx, ropes)
+        if cfg.position != "rope":
+            return None
+        wide = compute_dtype(self.model.embed_tokens.weight.dtype)
+        rope = self.rope_tables[False].cos_sin(positions, wide)
+        local = rope if cfg.local_rope_theta is None else self.rope_tables[True].cos_sin(positions, wide)
+        return rope, local
 
     def run(self, tokens: torch.Tensor, ctx: AttentionContext, ropes) -> torch.Tensor:
         """The forward pass given the RoPE tables: ropes is None or (global cos/sin, sliding layers' cos/sin)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness.plots import ratio_bars
-from harness.report import Table, table
+from harness.report import Table, strategy_label, table
 
 SPEED = "test_engine_tokens_per_second"
 SAME_TOKENS = "test_same_tokens"
@@ -27,7 +27,7 @@ def engine_tables(frame: pd.DataFrame, results_dir: Path) -> list[Table]:
     speed = frame[(frame["function"] == SPEED) & (frame["outcome"] == "passed")]
     tables = []
     for model, group in speed.groupby("model"):
-        group = group.assign(strategy=group["quant"], threads=group["param.threads"].astype(int),
+        group = group.assign(strategy=strategy_label(group), threads=group["param.threads"].astype(int),
                              column=group["param.phase"] + " b" + group["param.batch"].astype(int).astype(str))
         order = [f"{p} b{b}" for p in ("prefill", "decode") for b in sorted(group["param.batch"].astype(int).unique())]
 

@@ -35,6 +35,21 @@ class NoRollbackRunner(TorchRunner):
         return cache
 
 
+class StaleCompiledPositionRunner(TorchRunner):
+    """The compiled decode step keeps the rotary positions of the step it was compiled on (a value baked into the
+    graph rather than passed in)."""
+
+    def compiled_decode_step(self):
+        step, first_ropes = super().compiled_decode_step(), []
+
+        def stale(tokens, context, ropes):
+            if not first_ropes:
+                first_ropes.append(ropes)
+            return step(tokens, context, first_ropes[0])
+
+        return stale
+
+
 def planted(name: str, runner_cls: type[TorchRunner]) -> type[TorchBackend]:
     """A reference backend named `name` whose runner is `runner_cls`."""
     return type(f"Planted{runner_cls.__name__}", (TorchBackend,), {"name": name, "runner_class": runner_cls})
@@ -52,4 +67,10 @@ FAULTS = [
     Fault("no-rollback", "kv-cache", NoRollbackRunner.__doc__, SUITE, "rollback_then_decode",
           ORACLE_FAILURE.format(test="rollback_then_decode"),
           backend=planted("no-rollback", NoRollbackRunner), args=SDPA, outcomes={"failed": 1}),
+    Fault("compiled-stale-position", "kv-cache", StaleCompiledPositionRunner.__doc__, SUITE,
+          "test_compiled",  # not "compiled": the planted backend's name, in every test id
+          "FAILED *test_kv_cache.py::test_compiled_decode* - AssertionError: KV cache: compiled decode of a "
+          "left-padded batch: optimized error * exceeds 2.0 x plain error*",
+          backend=planted("compiled-stale-position", StaleCompiledPositionRunner), args=SDPA,
+          outcomes={"failed": 2}),
 ]
