@@ -14,7 +14,8 @@ from backends import registry
 # torch.compile imports inductor's modules lazily, at the first compile; some register themselves in global tables
 # and fail when imported twice. Compile something tiny here, outside pytester's in-process runs (a planted fault's
 # run compiles the torch backend's decode step, and would otherwise import them first and drop them).
-torch.compile(torch.neg, fullgraph=True)(torch.zeros(1))
+with torch._functorch.config.patch(enable_autograd_cache=False):  # nothing pickled on disk, as the backend's step
+    torch.compile(torch.neg, fullgraph=True, options={"fx_graph_cache": False})(torch.zeros(1))
 
 pytest_plugins = ["pytester"]
 

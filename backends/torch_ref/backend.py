@@ -51,8 +51,18 @@ class TorchRunner(ModelRunner, PackedStepRunner, PagedRunner):
     def compiled_decode_step(self):
         """The model as one inductor graph per (batch, cache capacity), called for single-token steps with a
         fixed-shape context (TorchKVCache.begin): positions, slots and masks are tensors, so no step recompiles
-        (dynamo counts at most recompile_limit, 8, shapes per process, then fails: fullgraph). Prefill runs eager."""
-        return torch.compile(self.model.run, fullgraph=True, dynamic=False)
+        (dynamo counts at most recompile_limit, 8, shapes per process, then fails: fullgraph). Prefill runs eager.
+        Inductor's and AOTAutograd's on-disk caches are off: they store pickles and load them back, and the project
+        unpickles nothing (each process compiles afresh, about 13 s a shape here)."""
+        compiled = torch.compile(self.model.run, fullgraph=True, dynamic=False,
+                                 options={"fx_graph_cache": False, "autotune_local_cache": False})
+
+        def step(*args):
+            with torch._functorch.config.patch(enable_autograd_cache=False), \
+                    torch._dynamo.config.patch(automatic_dynamic_local_pgo=False):
+                return compiled(*args)
+
+        return step
 
     def new_cache(self, batch_size: int, capacity: int) -> TorchKVCache:
         if self.strategy.quant in KV_CACHES:
