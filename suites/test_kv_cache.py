@@ -50,6 +50,19 @@ def fp64_logits(runner, tokens: list[int]) -> torch.Tensor:
     return float64_reference(runner.checkpoint).forward_full(torch.tensor([tokens]), positions_of(0, len(tokens)))[0]
 
 
+def rows_against_alone(runner, prompts: list[list[int]], batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits each row of a generated batch chose its tokens at (optimized), beside the same row recomputed
+    alone without a cache (plain) and in fp64 (reference), every row's concatenated."""
+    optimized, plain, reference = [], [], []
+    for row, alone in enumerate(prompts):
+        sequence = alone + batch.tokens[row]
+        decisions = slice(len(alone) - 1, -1)
+        optimized.append(batch.logits[row])
+        plain.append(runner.forward_full(torch.tensor([sequence]), positions_of(0, len(sequence)))[0, decisions])
+        reference.append(fp64_logits(runner, sequence)[decisions])
+    return torch.cat(optimized), torch.cat(plain), torch.cat(reference)
+
+
 @pytest.mark.exactness
 def test_cached_decode_matches_recompute(load_runner, attention, case, record):
     """Greedy decoding through the cache; each step's logits against fp64, beside recomputing the sequence."""
@@ -98,14 +111,8 @@ def test_left_padded_batch_matches_unpadded_rows(backend, load_runner, attention
     runner = load_runner(case.checkpoint, Strategy(Quant.FP32, attention))
     prompts = [prompt(n, runner.config.vocab_size, seed=n) for n in (5, 11, 2)]
     batch = generate(runner, prompts, 16)
-    optimized, plain, reference = [], [], []
-    for row, alone in enumerate(prompts):
-        sequence = alone + batch.tokens[row]
-        decisions = slice(len(alone) - 1, -1)
-        optimized.append(batch.logits[row])
-        plain.append(runner.forward_full(torch.tensor([sequence]), positions_of(0, len(sequence)))[0, decisions])
-        reference.append(fp64_logits(runner, sequence)[decisions])
-    result = assert_fp32_by_oracle(torch.cat(optimized), torch.cat(plain), torch.cat(reference))
+    optimized, plain, reference = rows_against_alone(runner, prompts, batch)
+    result = assert_fp32_by_oracle(optimized, plain, reference)
     record(**result.metrics())
 
 
@@ -120,14 +127,8 @@ def test_compiled_decode_matches_recompute(load_runner, model, record):
     runner = load_runner(model.checkpoint, COMPILED)
     prompts = compiled_prompts(runner.config.vocab_size)
     batch = generate(runner, prompts, COMPILED_DECODE)
-    optimized, plain, reference = [], [], []
-    for row, alone in enumerate(prompts):
-        sequence = alone + batch.tokens[row]
-        decisions = slice(len(alone) - 1, -1)
-        optimized.append(batch.logits[row])
-        plain.append(runner.forward_full(torch.tensor([sequence]), positions_of(0, len(sequence)))[0, decisions])
-        reference.append(fp64_logits(runner, sequence)[decisions])
-    result = assert_fp32_by_oracle(torch.cat(optimized), torch.cat(plain), torch.cat(reference),
+    optimized, plain, reference = rows_against_alone(runner, prompts, batch)
+    result = assert_fp32_by_oracle(optimized, plain, reference,
                                    what="KV cache: compiled decode of a left-padded batch")
     record(**result.metrics())
 
@@ -199,7 +200,7 @@ def test_rows_truncated_by_different_amounts_then_decode(backend, load_runner, m
         optimized.append(after[row])
         plain.append(runner.forward_full(torch.tensor([sequence]), positions_of(0, len(sequence)))[0, -3:])
         reference.append(fp64_logits(runner, sequence)[-3:])
-    result = assert_fp32_by_oracle(torch.cat(optimized), torch.cat(plain), torch.cat(reference),
+    result = assert_fp32_by_oracle(optimized, plain, reference,
                                    what="KV cache: rows rolled back by 1, 5 and 3 slots, then decoded")
     record(**result.metrics())
 
