@@ -186,6 +186,9 @@ class GenaiRunner(ModelRunner):
         return self.og.Generator(self.model, params)
 
     def new_cache(self, batch_size: int, capacity: int) -> GenaiCache:
+        if capacity > self.config.max_position_embeddings:  # the builder's context_length
+            raise UnsupportedModel(f"onnxruntime-genai runs no further than the model's context length "
+                                   f"{self.config.max_position_embeddings}, not a cache of {capacity} slots")
         return GenaiCache(self, batch_size, capacity)
 
     def forward(self, cache: KVCache, tokens, positions, token_mask=None):
