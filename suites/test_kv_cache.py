@@ -200,7 +200,7 @@ def test_rows_truncated_by_different_amounts_then_decode(backend, load_runner, m
         optimized.append(after[row])
         plain.append(runner.forward_full(torch.tensor([sequence]), positions_of(0, len(sequence)))[0, -3:])
         reference.append(fp64_logits(runner, sequence)[-3:])
-    result = assert_fp32_by_oracle(optimized, plain, reference,
+    result = assert_fp32_by_oracle(torch.cat(optimized), torch.cat(plain), torch.cat(reference),
                                    what="KV cache: rows rolled back by 1, 5 and 3 slots, then decoded")
     record(**result.metrics())
 
