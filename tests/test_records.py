@@ -61,10 +61,12 @@ def test_export(record):
 """)
     results = pytester.path / "r"
     pytester.runpytest_inprocess("--results-dir", str(results)).assert_outcomes(passed=1)
+    first_files = set((results / "records").glob("*.jsonl"))
     monkeypatch.setenv("BROKEN", "1")
     pytester.runpytest_inprocess("--results-dir", str(results)).assert_outcomes(failed=1)
-    files = sorted((results / "records").glob("*.jsonl"))
-    second = json.loads(files[-1].read_text().splitlines()[1])
+    # the second run's file by difference: two runs in one second and one process differ only by a random nonce
+    [second_file] = set((results / "records").glob("*.jsonl")) - first_files
+    second = json.loads(second_file.read_text().splitlines()[1])
     assert second["outcome"] == "error" and "Permission denied" in second["reason"]
     [kept] = load_all(results / "records")
     assert kept.outcome == "passed"
