@@ -57,10 +57,17 @@ class TorchRunner(ModelRunner, PackedStepRunner, PagedRunner):
         compiled = torch.compile(self.model.run, fullgraph=True, dynamic=False,
                                  options={"fx_graph_cache": False, "autotune_local_cache": False})
 
-        def step(*args):
+        compiled_shapes: set[tuple[int, int]] = set()
+
+        def step(capacity: int, tokens, context, ropes):
+            shape = (tokens.shape[0], capacity)
+            if shape in compiled_shapes:  # compiled already: no config patching on the hot path
+                return compiled(tokens, context, ropes)
             with torch._functorch.config.patch(enable_autograd_cache=False), \
                     torch._dynamo.config.patch(automatic_dynamic_local_pgo=False):
-                return compiled(*args)
+                logits = compiled(tokens, context, ropes)  # the first call of a shape compiles it
+            compiled_shapes.add(shape)
+            return logits
 
         return step
 
@@ -89,7 +96,7 @@ class TorchRunner(ModelRunner, PackedStepRunner, PagedRunner):
         tokens, positions, mask = self._inputs(tokens, positions, token_mask)
         if self.decode_step is not None and tokens.shape[1] == 1:
             context = cache.begin(positions, mask, fixed_shape=True)
-            return self.decode_step(tokens, context, self.model.ropes(positions)).float()
+            return self.decode_step(cache.capacity, tokens, context, self.model.ropes(positions)).float()
         return self.model(tokens, cache.begin(positions, mask)).float()
 
     @torch.inference_mode()

@@ -42,10 +42,10 @@ class StaleCompiledPositionRunner(TorchRunner):
     def compiled_decode_step(self):
         step, first_ropes = super().compiled_decode_step(), []
 
-        def stale(tokens, context, ropes):
+        def stale(capacity, tokens, context, ropes):
             if not first_ropes:
                 first_ropes.append(ropes)
-            return step(tokens, context, first_ropes[0])
+            return step(capacity, tokens, context, first_ropes[0])
 
         return stale
 
